@@ -48,6 +48,13 @@ struct text_dims {
   static constexpr int64_t parameters = int64_t{vocab} * width + int64_t{context} * width +
                                         layers * residual_block_parameters(width) + 2 * width +
                                         int64_t{width} * embed + 1 /* logit_scale */;
+
+  // Matrix-product FLOPs (2 per multiply-add) of encoding one caption over `tokens` positions:
+  // per block 24 T C^2 for the projections and MLP plus 4 T^2 C for attention.
+  static constexpr double forward_flops(int tokens = context) {
+    const double t = tokens, c = width;
+    return layers * (24.0 * t * c * c + 4.0 * t * t * c) + 2.0 * c * embed;
+  }
 };
 
 template <class Cfg>
@@ -77,6 +84,12 @@ struct vision_dims<Cfg> {
                                         int64_t{tokens} * width + 4 * width /* ln_pre, ln_post */ +
                                         layers * residual_block_parameters(width) + int64_t{width} * embed;
   static constexpr int64_t buffer_elements = 0;
+
+  // Matrix-product FLOPs (2 per multiply-add) of encoding one image: ViT-B/32 is 8.82 GFLOP.
+  static constexpr double forward_flops() {
+    const double t = tokens, c = width;
+    return 2.0 * grid * grid * c * patch_pixels + layers * (24.0 * t * c * c + 4.0 * t * t * c) + 2.0 * c * embed;
+  }
 };
 
 // Modified ResNet: a 3-conv stem, four bottleneck stages, attention pooling over a 1/32 grid.
@@ -132,6 +145,30 @@ struct vision_dims<Cfg> {
   }
   static constexpr int64_t parameters = compute_parameters();
   static constexpr int64_t buffer_elements = compute_buffer_elements();
+
+  // Matrix-product FLOPs (2 per multiply-add) of the convolutions and projections for one image
+  // (RN50: 11.6 GFLOP; profilers that also count normalisation and pooling report ~12.2).
+  static constexpr double forward_flops() {
+    double macs = 0;
+    const double h = width / 2;
+    double side = resolution / 2;  // the stem's convolutions run at half resolution
+    macs += side * side * (h * 3 * 9 + h * h * 9 + width * h * 9);
+    side = resolution / 4;
+    double in = width;
+    for (int s = 0; s < 4; ++s) {
+      const double p = planes(s);
+      for (int b = 0; b < layers[s]; ++b) {
+        const double out_side = (s > 0 && b == 0) ? side / 2 : side;  // avg-pool after the 3x3 conv
+        macs += side * side * (in * p + 9 * p * p) + out_side * out_side * 4 * p * p;
+        if (b == 0) macs += out_side * out_side * in * 4 * p;
+        in = 4 * p;
+        side = out_side;
+      }
+    }
+    const double c = pool_width, t = pool_tokens;
+    macs += 2 * t * c * c + c * c + 2 * t * c + c * embed;
+    return 2 * macs;
+  }
 };
 
 // Everything a model needs to know about a variant.

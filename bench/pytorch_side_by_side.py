@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""CPU encoding throughput of this library beside PyTorch, interleaved in one run.
+
+The PyTorch models below are this project's own torch.nn rendering of the same architectures
+(QuickGELU, pre-LayerNorm residual attention blocks, the modified ResNet with attention pooling),
+in float32 with random weights: throughput does not depend on the weight values.
+
+Each round runs one C++ benchmark case, then the same case in PyTorch, so both see the same
+machine load. Usage (from the build folder's parent):
+
+    OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \\
+        /usr/bin/python3 bench/pytorch_side_by_side.py --bench build/bench/clip-bench-encode
+
+PyTorch's fp32 products need OpenBLAS (libopenblas0-pthread) with OPENBLAS_CORETYPE=SkylakeX on
+these CPUs, which it otherwise misdetects (falling back to SSE3 kernels).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width, heads, causal_tokens=0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), QuickGELU(), nn.Linear(4 * width, width))
+        mask = None
+        if causal_tokens:
+            mask = torch.full((causal_tokens, causal_tokens), float("-inf")).triu(1)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, resolution, patch, width, layers, embed):
+        super().__init__()
+        grid = resolution // patch
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width**-0.5)
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, width // 64) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed) * width**-0.5)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, C]
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding
+        x = self.blocks(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        conv_bn = lambda i, o, k: [nn.Conv2d(i, o, k, padding=k // 2, bias=False), nn.BatchNorm2d(o)]
+        self.branch = nn.Sequential(
+            *conv_bn(inplanes, planes, 1), nn.ReLU(), *conv_bn(planes, planes, 3), nn.ReLU(),
+            nn.AvgPool2d(stride) if stride > 1 else nn.Identity(), *conv_bn(planes, 4 * planes, 1))
+        self.downsample = None
+        if stride > 1 or inplanes != 4 * planes:
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride), *conv_bn(inplanes, 4 * planes, 1))
+
+    def forward(self, x):
+        skip = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.branch(x) + skip)
+
+
+class AttentionPool(nn.Module):
+    def __init__(self, side, width, heads, embed):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(side * side + 1, width) / width**0.5)
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, embed)
+        self.heads = heads
+
+    def forward(self, x):
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding
+        b, t, c = x.shape
+        split = lambda y: y.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+        q, k, v = split(self.q(x[:, :1])), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (c // self.heads) ** 0.5, dim=-1)
+        return self.c_proj((att @ v).transpose(1, 2).reshape(b, c))
+
+
+class ModifiedResNet(nn.Module):
+    def __init__(self, resolution, layers, width, embed):
+        super().__init__()
+        h = width // 2
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, h, 3, 2, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, 1, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.AvgPool2d(2))
+        blocks, inplanes = [], width
+        for stage, depth in enumerate(layers):
+            planes = width << stage
+            for i in range(depth):
+                blocks.append(Bottleneck(inplanes, planes, 2 if stage > 0 and i == 0 else 1))
+                inplanes = 4 * planes
+        self.blocks = nn.Sequential(*blocks)
+        self.attnpool = AttentionPool(resolution // 32, width * 32, width * 32 // 64, embed)
+
+    def forward(self, x):
+        return self.attnpool(self.blocks(self.stem(x)))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, context, vocab, width, layers, embed):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.01)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, width // 64, context) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, embed) * width**-0.5)
+
+    def forward(self, text):
+        x = self.blocks(self.token_embedding(text) + self.positional_embedding)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+
+# name -> (model factory, input factory for a batch, GFLOP per item (matrix products, 2 per multiply-add))
+CASES = {
+    "ViT-B-32_image": (lambda: VisionTransformer(224, 32, 768, 12, 512),
+                       lambda b: torch.randn(b, 3, 224, 224), 8.8176),
+    "RN50_image": (lambda: ModifiedResNet(224, [3, 4, 6, 3], 64, 1024),
+                   lambda b: torch.randn(b, 3, 224, 224), 11.586),
+    # Captions of 77 positions whose end-of-text token is the last one: the full-length cost.
+    "ViT-B-32_text": (lambda: TextTransformer(77, 49408, 512, 12, 512),
+                      lambda b: torch.cat([torch.randint(1, 49406, (b, 76)), torch.full((b, 1), 49407)], 1), 5.9595),
+}
+
+
+def time_torch(name, batch, seconds):
+    make_model, make_input, _ = CASES[name]
+    model = make_model().eval()
+    x = make_input(batch)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        runs, start = 0, time.perf_counter()
+        while True:
+            model(x)
+            runs += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds and runs >= 3:
+                return batch * runs / elapsed
+
+
+def time_cpp(binary, name, batch, seconds):
+    out = subprocess.run(
+        [binary, f"--benchmark_filter=^{name}/{batch}$", "--benchmark_format=json",
+         f"--benchmark_min_time={seconds}"],
+        check=True, capture_output=True, text=True).stdout
+    bench = json.loads(out)["benchmarks"][0]
+    return bench["items_per_second"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", default="build/bench/clip-bench-encode", help="the C++ benchmark program")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case (median reported)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
+    parser.add_argument("--cases", default="ViT-B-32_image/1,ViT-B-32_image/8,RN50_image/1,RN50_image/8,ViT-B-32_text/32")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print("| case | batch | clip items/s | clip GFLOP/s | PyTorch items/s | PyTorch GFLOP/s | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for case in args.cases.split(","):
+        name, batch = case.split("/")
+        batch = int(batch)
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(time_cpp(args.bench, name, batch, args.seconds))
+            theirs.append(time_torch(name, batch, args.seconds))
+        a, b = statistics.median(ours), statistics.median(theirs)
+        gflop = CASES[name][2]
+        print(f"| {name} | {batch} | {a:.2f} | {a * gflop:.0f} | {b:.2f} | {b * gflop:.0f} | {a / b:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+// The whole library: include this one header.
+#pragma once
+
+#include "clip/blocks/attention_pool.hpp"
+#include "clip/blocks/bottleneck.hpp"
+#include "clip/blocks/residual_attention_block.hpp"
+#include "clip/config/dims.hpp"
+#include "clip/config/variants.hpp"
+#include "clip/core/error.hpp"
+#include "clip/models/clip_model.hpp"
+#include "clip/models/text_transformer.hpp"
+#include "clip/models/transformer.hpp"
+#include "clip/models/vision_transformer.hpp"
+#include "clip/ops/activation.hpp"
+#include "clip/ops/attention.hpp"
+#include "clip/ops/batchnorm.hpp"
+#include "clip/ops/conv2d.hpp"
+#include "clip/ops/embedding.hpp"
+#include "clip/ops/layernorm.hpp"
+#include "clip/ops/linear.hpp"
+#include "clip/ops/pool.hpp"
+#include "clip/tensor/param.hpp"
+#include "clip/tensor/tensor.hpp"
