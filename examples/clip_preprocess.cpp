@@ -5,24 +5,20 @@
 // Writes each image's _transform(N) (float32 [3,N,N]) under the image path as given. Exit
 // status: 0 done, 1 an image or the output could not be processed (nothing is written), 2 bad
 // arguments.
-#include <algorithm>
-#include <atomic>
-#include <charconv>
 #include <cstdio>
 #include <exception>
 #include <set>
 #include <string>
 #include <string_view>
-#include <system_error>
-#include <thread>
 #include <vector>
 
+#include "cli.hpp"
 #include "clip/core/error.hpp"
-#include "clip/image/decode.hpp"
-#include "clip/image/preprocess.hpp"
 #include "clip/io/safetensors.hpp"
 
 namespace {
+
+namespace cli = clip::cli;
 
 constexpr const char* kUsage =
     "usage: clip-preprocess --size N --out FILE.safetensors IMAGE...\n"
@@ -43,60 +39,29 @@ constexpr const char* kUsage =
 
 struct Arguments {
   int size = 0;
-  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int threads = cli::default_threads();
   std::string out;
   std::vector<std::string> images;
   bool help = false;
 };
 
-struct UsageError {
-  std::string message;
-};
-
-int parse_count(std::string_view flag, std::string_view text, int max, const char* unit) {
-  int value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size() || value <= 0 || value > max)
-    throw UsageError{std::string(flag) + " needs a whole number of " + unit + " from 1 to " + std::to_string(max) +
-                     ", not '" + std::string(text) + "'"};
-  return value;
-}
-
 Arguments parse(int argc, char** argv) {
   Arguments args;
-  bool options_done = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view a = argv[i];
-    auto value = [&](std::string_view flag) -> std::string_view {
-      if (a.size() > flag.size() && a[flag.size()] == '=') return a.substr(flag.size() + 1);
-      if (i + 1 >= argc) throw UsageError{std::string(flag) + " needs a value"};
-      return argv[++i];
-    };
-    auto is = [&](std::string_view flag) { return a == flag || (a.starts_with(flag) && a[flag.size()] == '='); };
-    if (options_done || !a.starts_with("-") || a == "-") {
-      args.images.emplace_back(a);
-    } else if (a == "--") {
-      options_done = true;
-    } else if (a == "--help" || a == "-h") {
-      args.help = true;
-    } else if (is("--size")) {
-      args.size = parse_count("--size", value("--size"), 16384, "pixels");
-    } else if (is("--threads")) {
-      args.threads = parse_count("--threads", value("--threads"), 1024, "threads");
-    } else if (is("--out")) {
-      args.out = value("--out");
-      if (args.out.empty()) throw UsageError{"--out needs a file name"};
-    } else {
-      throw UsageError{"unknown option '" + std::string(a) + "'"};
-    }
+  for (cli::ArgReader a(argc, argv); a.next();) {
+    if (a.positional()) args.images.emplace_back(a.arg());
+    else if (a.flag("--help") || a.flag("-h")) args.help = true;
+    else if (auto v = a.option("--size")) args.size = cli::parse_int("--size", *v, 1, 16384, "pixels");
+    else if (auto v = a.option("--threads")) args.threads = cli::parse_int("--threads", *v, 1, 1024, "threads");
+    else if (auto v = a.path_option("--out")) args.out = *v;
+    else a.unknown();
   }
   if (args.help) return args;
-  if (args.size == 0) throw UsageError{"--size N is required"};
-  if (args.out.empty()) throw UsageError{"--out FILE is required"};
-  if (args.images.empty()) throw UsageError{"no images given"};
+  if (args.size == 0) throw cli::UsageError{"--size N is required"};
+  if (args.out.empty()) throw cli::UsageError{"--out FILE is required"};
+  if (args.images.empty()) throw cli::UsageError{"no images given"};
   std::set<std::string_view> seen;
   for (const std::string& image : args.images)
-    if (!seen.insert(image).second) throw UsageError{"image '" + image + "' is given twice"};
+    if (!seen.insert(image).second) throw cli::UsageError{"image '" + image + "' is given twice"};
   return args;
 }
 
@@ -106,55 +71,26 @@ int main(int argc, char** argv) {
   Arguments args;
   try {
     args = parse(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "clip-preprocess: %s\n(see clip-preprocess --help)\n", e.message.c_str());
-    return 2;
+  } catch (const cli::UsageError& e) {
+    return cli::usage_error("clip-preprocess", e.message);
   }
   if (args.help) {
     std::fputs(kUsage, stdout);
     return 0;
   }
-  // Each image is preprocessed on its own, in parallel; the file is written in argument order,
-  // and only when every image succeeded.
-  const size_t count = args.images.size();
-  std::vector<std::vector<float>> tensors(count);
-  std::vector<std::string> errors(count);
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  auto work = [&] {
-    for (size_t i; !failed && (i = next++) < count;) {
-      try {
-        const clip::image::Image image = clip::image::decode_file(args.images[i]);
-        tensors[i] = clip::image::clip_preprocess(image, args.size);
-      } catch (const std::exception& e) {
-        errors[i] = e.what();
-        failed = true;
-      }
-    }
-  };
-  std::vector<std::thread> workers;
+  // The images are preprocessed in parallel; the file is written in argument order, and only
+  // when every image succeeded.
   try {
-    for (int t = 1; t < std::min<int>(args.threads, static_cast<int>(count)); ++t) workers.emplace_back(work);
-  } catch (const std::system_error&) {  // no more threads to be had: the ones running will do
-  }
-  work();
-  for (std::thread& w : workers) w.join();
-  for (const std::string& error : errors)
-    if (!error.empty()) {
-      std::fprintf(stderr, "clip-preprocess: %s\n", error.c_str());
-      return 1;
-    }
-  try {
+    std::vector<std::vector<float>> tensors = cli::preprocess_images(args.images, args.size, args.threads);
     clip::SafeTensorsWriter writer;
-    for (size_t i = 0; i < count; ++i) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
       writer.add(args.images[i], {3, args.size, args.size}, tensors[i].data());
       std::vector<float>().swap(tensors[i]);  // the writer holds its own copy
     }
     writer.set_metadata("preprocessing", "clip._transform(" + std::to_string(args.size) + ")");
     writer.write(args.out);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "clip-preprocess: %s\n", e.what());
-    return 1;
+    return cli::failure("clip-preprocess", e.what());
   }
   return 0;
 }

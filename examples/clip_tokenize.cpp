@@ -1,6 +1,6 @@
 // clip-tokenize: CLIP's BPE tokenizer from the command line.
 //
-//   clip-tokenize [--context N] [--bpe] [--json] [--vocab FILE] [--nfc] [--no-truncate]
+//   clip-tokenize [--context N] [--bpe] [--json] [--vocab FILE] [--no-nfc] [--no-truncate]
 //
 // Reads one text per line on stdin and writes one JSON array of ids per line on stdout. Exit
 // status: 0 done, 1 bad input (the line number is named; nothing is written for it or after
@@ -12,17 +12,19 @@
 #include <iostream>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
+#include "cli.hpp"
 #include "clip/core/error.hpp"
 #include "clip/io/json.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 
 namespace {
 
+namespace cli = clip::cli;
+
 constexpr const char* kUsage =
-    "usage: clip-tokenize [--context N] [--bpe] [--json] [--vocab FILE] [--nfc] [--no-truncate]\n"
+    "usage: clip-tokenize [--context N] [--bpe] [--json] [--vocab FILE] [--no-nfc] [--no-truncate]\n"
     "\n"
     "Tokenizes each line of stdin (UTF-8) with OpenAI CLIP's BPE tokenizer and writes one JSON\n"
     "array of token ids per line: by default the row clip.tokenize makes, start token, ids, end\n"
@@ -35,7 +37,7 @@ constexpr const char* kUsage =
     "  --json         each input line is a JSON string (so a text may hold newlines)\n"
     "  --vocab FILE   the BPE vocabulary (default: bpe_simple_vocab_16e6.txt.gz from\n"
     "                 $CLIP_DATA_DIR, the source tree's data/ or the installed share/clip)\n"
-    "  --nfc          NFC-normalize first, as ftfy.fix_text would (the reference ids do not)\n"
+    "  --no-nfc       skip the NFC normalization that ftfy.fix_text does (the ftfy-free ids)\n"
     "  --no-truncate  a text longer than the row is an error instead of being truncated\n"
     "  --help         show this help\n"
     "\n"
@@ -44,62 +46,24 @@ constexpr const char* kUsage =
 
 struct Arguments {
   int context = 77;
-  bool bpe = false, json = false, nfc = false, truncate = true, help = false;
+  bool bpe = false, json = false, nfc = true, truncate = true, help = false;
   std::optional<std::string> vocab;
 };
 
-struct UsageError {
-  std::string message;
-};
-
-int parse_context(std::string_view text) {
-  int value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size() || value < 2 || value > 1000000)
-    throw UsageError{"--context needs a whole number of tokens from 2 to 1000000, not '" + std::string(text) + "'"};
-  return value;
-}
-
 Arguments parse(int argc, char** argv) {
   Arguments args;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view a = argv[i];
-    auto is = [&](std::string_view flag) { return a == flag || (a.starts_with(flag) && a.size() > flag.size() && a[flag.size()] == '='); };
-    auto value = [&](std::string_view flag) -> std::string_view {
-      if (a.size() > flag.size()) return a.substr(flag.size() + 1);
-      if (i + 1 >= argc) throw UsageError{std::string(flag) + " needs a value"};
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") args.help = true;
-    else if (a == "--bpe") args.bpe = true;
-    else if (a == "--json") args.json = true;
-    else if (a == "--nfc") args.nfc = true;
-    else if (a == "--no-truncate") args.truncate = false;
-    else if (is("--context")) args.context = parse_context(value("--context"));
-    else if (is("--vocab")) {
-      args.vocab = std::string(value("--vocab"));
-      if (args.vocab->empty()) throw UsageError{"--vocab needs a file name"};
-    } else if (a.starts_with("-")) throw UsageError{"unknown option '" + std::string(a) + "'"};
-    else throw UsageError{"unexpected argument '" + std::string(a) + "': the texts come on stdin"};
+  for (cli::ArgReader a(argc, argv); a.next();) {
+    if (a.positional()) throw cli::UsageError{"unexpected argument '" + std::string(a.arg()) + "': the texts come on stdin"};
+    if (a.flag("--help") || a.flag("-h")) args.help = true;
+    else if (a.flag("--bpe")) args.bpe = true;
+    else if (a.flag("--json")) args.json = true;
+    else if (a.flag("--no-nfc")) args.nfc = false;
+    else if (a.flag("--no-truncate")) args.truncate = false;
+    else if (auto v = a.option("--context")) args.context = cli::parse_int("--context", *v, 2, 1000000, "tokens");
+    else if (auto v = a.path_option("--vocab")) args.vocab = *v;
+    else a.unknown();
   }
   return args;
-}
-
-// Where the vocabulary is looked for besides $CLIP_DATA_DIR: the folders this build knows
-// (examples/meson.build defines them), then share/clip beside the installed program.
-std::vector<std::filesystem::path> vocabulary_folders(const char* argv0) {
-  std::vector<std::filesystem::path> folders;
-#ifdef CLIP_SOURCE_DATA_DIR
-  folders.emplace_back(CLIP_SOURCE_DATA_DIR);
-#endif
-#ifdef CLIP_INSTALL_DATA_DIR
-  folders.emplace_back(CLIP_INSTALL_DATA_DIR);
-#endif
-  std::error_code ec;
-  std::filesystem::path program = std::filesystem::canonical("/proc/self/exe", ec);
-  if (ec) program = std::filesystem::absolute(argv0, ec);
-  if (!ec) folders.push_back(program.parent_path().parent_path() / "share" / "clip");
-  return folders;
 }
 
 void append_ids(std::string& out, const std::vector<int>& ids) {
@@ -119,9 +83,8 @@ int main(int argc, char** argv) {
   Arguments args;
   try {
     args = parse(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "clip-tokenize: %s (see --help)\n", e.message.c_str());
-    return 2;
+  } catch (const cli::UsageError& e) {
+    return cli::usage_error("clip-tokenize", e.message);
   }
   if (args.help) {
     std::fputs(kUsage, stdout);
@@ -132,7 +95,7 @@ int main(int argc, char** argv) {
   try {
     clip::text::BpeOptions options;
     options.nfc = args.nfc;
-    tokenizer.emplace(args.vocab ? std::filesystem::path(*args.vocab) : clip::text::find_bpe_vocabulary(vocabulary_folders(argv[0])),
+    tokenizer.emplace(args.vocab ? std::filesystem::path(*args.vocab) : clip::text::find_bpe_vocabulary(cli::data_folders(argv[0])),
                       options);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "clip-tokenize: %s\n", e.what());

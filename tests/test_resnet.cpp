@@ -24,6 +24,7 @@
 #include "clip/ops/conv2d.hpp"
 #include "clip/ops/pool.hpp"
 #include "golden.hpp"
+#include "golden_variants.hpp"
 
 #if __has_include("clip/models/clip_model.hpp")
 #include "clip/models/clip_model.hpp"
@@ -34,20 +35,8 @@ using namespace clip;
 
 namespace {
 
-// The tiny ResNet CLIP of the golden files, defined as a user defines a variant.
-struct RNTiny {
-  static constexpr const char* name = "RN-tiny";
-  static constexpr int embed_dim = 32;
-  static constexpr int image_resolution = 64;
-  static constexpr std::array<int, 4> vision_layers{1, 1, 1, 1};
-  static constexpr int vision_width = 16;
-  static constexpr int vision_patch_size = 0;
-  static constexpr int context_length = 77;
-  static constexpr int vocab_size = 49408;
-  static constexpr int transformer_width = 64;
-  static constexpr int transformer_heads = 2;
-  static constexpr int transformer_layers = 2;
-};
+// The tiny ResNet CLIP of the golden files (MANIFEST section B), from golden_variants.hpp.
+using test::RNTiny;
 
 std::vector<float> random_values(int64_t n, unsigned seed, float lo = -1.0f, float hi = 1.0f) {
   std::mt19937 gen(seed);

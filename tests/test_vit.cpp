@@ -11,24 +11,12 @@
 #include "clip/io/safetensors.hpp"
 #include "clip/io/state_dict.hpp"
 #include "golden.hpp"
+#include "golden_variants.hpp"
 
 namespace {
 
-// The golden model, defined as a user defines a variant (MANIFEST section A).
-struct ViTTiny {
-  static constexpr const char* name = "ViT-tiny";
-  static constexpr int embed_dim = 32;
-  static constexpr int image_resolution = 32;
-  static constexpr int vision_layers = 2;
-  static constexpr int vision_width = 128;
-  static constexpr int vision_patch_size = 8;
-  static constexpr int context_length = 77;
-  static constexpr int vocab_size = 49408;
-  static constexpr int transformer_width = 64;
-  static constexpr int transformer_heads = 2;
-  static constexpr int transformer_layers = 2;
-};
-static_assert(clip::Variant<ViTTiny>);
+// The golden model (MANIFEST section A), defined once for the tests in golden_variants.hpp.
+using clip::test::ViTTiny;
 
 constexpr double tolerance = 1e-5;
 

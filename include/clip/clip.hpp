@@ -1,13 +1,21 @@
-// The whole library: include this one header.
+// The whole library: include this one header. (text/sentencepiece_tokenizer.hpp is separate: it
+// needs the optional sentencepiece library.)
 #pragma once
 
 #include "clip/blocks/attention_pool.hpp"
 #include "clip/blocks/bottleneck.hpp"
 #include "clip/blocks/residual_attention_block.hpp"
 #include "clip/config/dims.hpp"
+#include "clip/config/names.hpp"
 #include "clip/config/variants.hpp"
 #include "clip/core/error.hpp"
+#include "clip/eval/zero_shot.hpp"
+#include "clip/image/decode.hpp"
+#include "clip/image/preprocess.hpp"
+#include "clip/io/safetensors.hpp"
+#include "clip/io/state_dict.hpp"
 #include "clip/models/clip_model.hpp"
+#include "clip/models/modified_resnet.hpp"
 #include "clip/models/text_transformer.hpp"
 #include "clip/models/transformer.hpp"
 #include "clip/models/vision_transformer.hpp"
@@ -21,3 +29,4 @@
 #include "clip/ops/pool.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/tensor/tensor.hpp"
+#include "clip/text/bpe_tokenizer.hpp"

@@ -96,8 +96,9 @@ struct ResidualAttentionBlock {
     float* fch_gelu = nullptr;  // [B, T, F]    QuickGELU(fch)
 
     Acts() = default;
-    explicit Acts(int64_t batch) : capacity(batch), storage(static_cast<size_t>(batch * floats_per_sample)) {
+    explicit Acts(int64_t batch) : capacity(batch) {
       CLIP_CHECK(batch >= 0, "a batch size cannot be negative (got ", batch, ")");
+      storage.resize(static_cast<size_t>(batch * floats_per_sample));
       float* p = storage.data();
       const int64_t bt = batch * T;
       auto take = [&](int64_t n) { float* q = p; p += n; return q; };

@@ -23,30 +23,28 @@
 #include "clip/core/error.hpp"
 #include "clip/io/safetensors.hpp"
 #include "clip/io/state_dict.hpp"
+#include "clip/models/modified_resnet.hpp"
 #include "clip/models/text_transformer.hpp"
 #include "clip/models/vision_transformer.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/tensor/tensor.hpp"
-#if __has_include("clip/models/modified_resnet.hpp")
-#include "clip/models/modified_resnet.hpp"
-#define CLIP_HAS_MODIFIED_RESNET 1
-#endif
 
 namespace clip {
 
 namespace detail {
+// The image encoder of a variant. A partial specialisation per concept rather than
+// std::conditional_t: naming VisionTransformer<RN50> at all is ill-formed (its constraint fails),
+// even in the branch conditional_t would discard.
 template <class Cfg>
 struct visual_encoder;
 template <ViTConfig Cfg>
 struct visual_encoder<Cfg> {
   using type = VisionTransformer<Cfg>;
 };
-#ifdef CLIP_HAS_MODIFIED_RESNET
 template <ResNetConfig Cfg>
 struct visual_encoder<Cfg> {
   using type = ModifiedResNet<Cfg>;
 };
-#endif
 }  // namespace detail
 
 template <Variant Cfg>

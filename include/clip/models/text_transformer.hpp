@@ -56,6 +56,11 @@ struct TextTransformer {
     }
   };
 
+  // Floats of activation memory per caption during inference (block activations, token rows,
+  // pooled row), at the full context length.
+  static constexpr int64_t inference_floats_per_sample =
+      Stack::Acts::floats_per_sample + int64_t{T} * C + C;
+
   // Positions a forward without a trace runs for this batch: up to the last pooled position.
   template <std::integral Id>
   static int64_t positions_needed(const Id* tokens, int64_t batch) {
