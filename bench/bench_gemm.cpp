@@ -1,18 +1,21 @@
-// GFLOP/s of clip's GEMM (ops/gemm.hpp) against Eigen's, as the model calls it today
-// (linear.hpp: output columns split over the threads, one single-threaded Eigen GEMM each), on the
-// model's shapes, at 1 and 2 threads. Each shape runs new and Eigen back to back, so both see the
-// same machine load. Run with repetitions and read the medians:
+// GFLOP/s of clip's GEMM (ops/gemm.hpp) against Eigen's as the model ran it before (output
+// columns split over the threads, one single-threaded Eigen GEMM each), on the model's shapes,
+// at 1 and 2 threads. For each shape and thread count the implementations run back to back, so
+// they see about the same machine load. Run with repetitions and read the medians:
 //
 //   clip-bench-gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 //
 // Names: <shape>/<impl>/threads:<t>, impl one of
 //   new     gemm_nt (nn.Linear weight [N, K]) or gemm_nn (P [K, N]), packing B every call
-//   packed  gemm_packed with B packed once outside the timed loop
-//   eigen   Eigen GEMM split by columns over the threads (detail::gemm_accumulate for NT)
+//   packed  gemm_packed with B packed once outside the timed loop (constant weights)
+//   eigen   the Eigen baseline (eigen_gemm below)
+// All accumulate, y += x B, as the model's products do onto a bias or a residual.
 // Convolutions are the row-major NN product y[Cout, pixels] = W[Cout, Cin*k*k] * im2col[Cin*k*k,
-// pixels], the layout conv2d.hpp holds them in (its column-major y[pixels, Cout] = col * W^T).
+// pixels], the layout conv2d.hpp holds them in; here the whole layer is one product with im2col
+// in memory, where conv2d.hpp runs it in cache-sized pixel blocks.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -22,8 +25,9 @@
 #include <omp.h>
 #endif
 
+#include <Eigen/Core>
+
 #include "clip/ops/gemm.hpp"
-#include "clip/ops/linear.hpp"
 
 namespace {
 
@@ -69,26 +73,34 @@ std::vector<float> random_vector(int64_t n, uint32_t seed) {
   return v;
 }
 
-// y[m, n] += x[m, k] * p[k, n] in Eigen, split by output columns like linear.hpp's gemm_accumulate.
-void eigen_nn(float* y, const float* x, const float* p, int64_t m, int64_t n, int64_t k) {
-  using clip::detail::RowMatrix;
+// The baseline: Eigen's GEMM as the model called it before ops/gemm.hpp (linear.hpp's former
+// gemm_accumulate): y[m, n] += x[m, k] * B, output columns split over the threads in multiples
+// of 16, one single-threaded Eigen GEMM per thread; products under 2^21 m*n*k, or narrower than
+// 64 columns per thread, left to Eigen whole. B is W [n, k] (nt) or P [k, n].
+void eigen_gemm(float* y, const float* x, const float* b, int64_t m, int64_t n, int64_t k, bool nt) {
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Strided = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
   using ConstStrided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+  auto slice = [&](int64_t o0, int64_t o1) {  // columns [o0, o1)
+    Strided ys(y + o0, m, o1 - o0, Eigen::OuterStride<>(n));
+    ConstStrided xs(x, m, k, Eigen::OuterStride<>(k));
+    if (nt)
+      ys.noalias() += xs * ConstStrided(b + o0 * k, o1 - o0, k, Eigen::OuterStride<>(k)).transpose();
+    else
+      ys.noalias() += xs * ConstStrided(b + o0, k, o1 - o0, Eigen::OuterStride<>(n));
+  };
   int parts = 1;
 #ifdef _OPENMP
-  if (m * n * k >= (int64_t{1} << 21)) parts = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n / 64));
+  if (m * n * k >= (int64_t{1} << 21) && !omp_in_parallel())
+    parts = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n / 64));
 #endif
   if (parts <= 1) {
-    clip::detail::RowMap(y, m, n).noalias() += clip::detail::ConstRowMap(x, m, k) * clip::detail::ConstRowMap(p, k, n);
+    slice(0, n);
     return;
   }
 #pragma omp parallel for schedule(static) num_threads(parts)
-  for (int part = 0; part < parts; ++part) {
-    const int64_t o0 = n * part / parts / 16 * 16;
-    const int64_t o1 = part == parts - 1 ? n : n * (part + 1) / parts / 16 * 16;
-    Strided ys(y + o0, m, o1 - o0, Eigen::OuterStride<>(n));
-    ys.noalias() += clip::detail::ConstRowMap(x, m, k) * ConstStrided(p + o0, k, o1 - o0, Eigen::OuterStride<>(n));
-  }
+  for (int part = 0; part < parts; ++part)
+    slice(n * part / parts / 16 * 16, part == parts - 1 ? n : n * (part + 1) / parts / 16 * 16);
 }
 
 enum class Impl { fresh, packed, eigen };
@@ -110,7 +122,6 @@ void run(benchmark::State& state, const Shape& s, Impl impl) {
   clip::PackedMatrix packed;
   if (impl == Impl::packed)
     packed = nt ? clip::PackedMatrix::from_nt(b.data(), s.n, s.k, s.k) : clip::PackedMatrix::from_nn(b.data(), s.k, s.n, s.n);
-  // All three accumulate (y += x B), as the model's products do onto a bias or a residual.
   for (auto _ : state) {
     switch (impl) {
       case Impl::fresh:
@@ -123,10 +134,7 @@ void run(benchmark::State& state, const Shape& s, Impl impl) {
         clip::gemm_packed(s.m, x.data(), s.k, packed, y.data(), s.n, true);
         break;
       case Impl::eigen:
-        if (nt)
-          clip::detail::gemm_accumulate(y.data(), x.data(), b.data(), s.m, s.k, s.n);
-        else
-          eigen_nn(y.data(), x.data(), b.data(), s.m, s.n, s.k);
+        eigen_gemm(y.data(), x.data(), b.data(), s.m, s.n, s.k, nt);
         break;
     }
     benchmark::DoNotOptimize(y.data());
@@ -140,16 +148,17 @@ void run(benchmark::State& state, const Shape& s, Impl impl) {
 
 int main(int argc, char** argv) {
   const std::pair<Impl, const char*> impls[] = {{Impl::fresh, "new"}, {Impl::packed, "packed"}, {Impl::eigen, "eigen"}};
+  // Per shape and thread count, the three implementations back to back (same machine load).
   for (const Shape& s : shapes)
-    for (const auto& [impl, impl_name] : impls) {
-      const std::string name = std::string(s.name) + "/" + impl_name;
-      benchmark::RegisterBenchmark(name.c_str(), [&s, impl = impl](benchmark::State& st) { run(st, s, impl); })
-          ->ArgName("threads")
-          ->Arg(1)
-          ->Arg(2)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
-    }
+    for (int threads : {1, 2})
+      for (const auto& [impl, impl_name] : impls) {
+        const std::string name = std::string(s.name) + "/" + impl_name;
+        benchmark::RegisterBenchmark(name.c_str(), [&s, impl = impl](benchmark::State& st) { run(st, s, impl); })
+            ->ArgName("threads")
+            ->Arg(threads)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+      }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

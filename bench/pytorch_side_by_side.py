@@ -168,7 +168,7 @@ def time_torch(name, batch, seconds):
 
 def time_cpp(binary, name, batch, seconds):
     out = subprocess.run(
-        [binary, f"--benchmark_filter=^{name}/{batch}$", "--benchmark_format=json",
+        [binary, f"--benchmark_filter=^{name}/{batch}(/|$)", "--benchmark_format=json",
          f"--benchmark_min_time={seconds}"],
         check=True, capture_output=True, text=True).stdout
     bench = json.loads(out)["benchmarks"][0]

@@ -50,6 +50,28 @@ inline int failure(const char* program, const std::string& message) {
   return 1;
 }
 
+// Every program's main: read the arguments (a usage error exits 2), print the usage for --help,
+// then run; an exception escaping the run is bad input (exit 1) reported with its message.
+template <class Arguments, class Run>
+int run_program(const char* program, const char* usage, int argc, char** argv, Arguments (*parse)(int, char**),
+                Run&& run) {
+  Arguments args;
+  try {
+    args = parse(argc, argv);
+  } catch (const UsageError& e) {
+    return usage_error(program, e.message);
+  }
+  if (args.help) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
+  try {
+    return run(args);
+  } catch (const std::exception& e) {
+    return failure(program, e.what());
+  }
+}
+
 // Walks argv. An option takes its value as "--flag VALUE" or "--flag=VALUE". After "--" every
 // argument is positional (for file names that start with '-'), and so is "-" alone.
 class ArgReader {

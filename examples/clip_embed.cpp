@@ -197,22 +197,10 @@ void embed(const Arguments& args, const std::vector<std::string>& images, const 
 }  // namespace
 
 int main(int argc, char** argv) {
-  Arguments args;
-  try {
-    args = parse(argc, argv);
-  } catch (const cli::UsageError& e) {
-    return cli::usage_error(kProgram, e.message);
-  }
-  if (args.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  try {
+  return cli::run_program(kProgram, kUsage, argc, argv, parse, [&](const Arguments& args) {
     const std::vector<std::string> images = expand_images(args.images);
     const std::vector<std::string> texts = expand_texts(args.texts);
     cli::with_built_variant(args.model, [&]<class Cfg>(Cfg) { embed<Cfg>(args, images, texts, argv[0]); });
-  } catch (const std::exception& e) {
-    return cli::failure(kProgram, e.what());
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -68,19 +68,9 @@ Arguments parse(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Arguments args;
-  try {
-    args = parse(argc, argv);
-  } catch (const cli::UsageError& e) {
-    return cli::usage_error("clip-preprocess", e.message);
-  }
-  if (args.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  // The images are preprocessed in parallel; the file is written in argument order, and only
-  // when every image succeeded.
-  try {
+  return cli::run_program("clip-preprocess", kUsage, argc, argv, parse, [&](const Arguments& args) {
+    // The images are preprocessed in parallel; the file is written in argument order, and only
+    // when every image succeeded.
     std::vector<std::vector<float>> tensors = cli::preprocess_images(args.images, args.size, args.threads);
     clip::SafeTensorsWriter writer;
     for (size_t i = 0; i < tensors.size(); ++i) {
@@ -89,8 +79,6 @@ int main(int argc, char** argv) {
     }
     writer.set_metadata("preprocessing", "clip._transform(" + std::to_string(args.size) + ")");
     writer.write(args.out);
-  } catch (const std::exception& e) {
-    return cli::failure("clip-preprocess", e.what());
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -80,50 +80,42 @@ void append_ids(std::string& out, const std::vector<int>& ids) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Arguments args;
-  try {
-    args = parse(argc, argv);
-  } catch (const cli::UsageError& e) {
-    return cli::usage_error("clip-tokenize", e.message);
-  }
-  if (args.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-
-  std::optional<clip::text::BpeTokenizer> tokenizer;
-  try {
-    clip::text::BpeOptions options;
-    options.nfc = args.nfc;
-    tokenizer.emplace(args.vocab ? std::filesystem::path(*args.vocab) : clip::text::find_bpe_vocabulary(cli::data_folders(argv[0])),
-                      options);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "clip-tokenize: %s\n", e.what());
-    return args.vocab ? 2 : 1;  // a --vocab that does not load is a bad argument
-  }
-
-  std::ios::sync_with_stdio(false);
-  std::string line, out;
-  size_t number = 0;
-  while (std::getline(std::cin, line)) {
-    ++number;
+  return cli::run_program("clip-tokenize", kUsage, argc, argv, parse, [&](const Arguments& args) {
+    std::optional<clip::text::BpeTokenizer> tokenizer;
     try {
-      std::string text = args.json ? clip::json::parse(line).as_string() : std::move(line);
-      append_ids(out, args.bpe ? tokenizer->encode(text) : tokenizer->tokenize(text, args.context, args.truncate));
+      clip::text::BpeOptions options;
+      options.nfc = args.nfc;
+      const std::filesystem::path vocab =
+          args.vocab ? std::filesystem::path(*args.vocab) : clip::text::find_bpe_vocabulary(cli::data_folders(argv[0]));
+      tokenizer.emplace(vocab, options);
     } catch (const std::exception& e) {
-      std::cout << out << std::flush;
-      std::fprintf(stderr, "clip-tokenize: line %zu: %s\n", number, e.what());
+      std::fprintf(stderr, "clip-tokenize: %s\n", e.what());
+      return args.vocab ? 2 : 1;  // a --vocab that does not load is a bad argument
+    }
+
+    std::ios::sync_with_stdio(false);
+    std::string line, out;
+    size_t number = 0;
+    while (std::getline(std::cin, line)) {
+      ++number;
+      try {
+        std::string text = args.json ? clip::json::parse(line).as_string() : std::move(line);
+        append_ids(out, args.bpe ? tokenizer->encode(text) : tokenizer->tokenize(text, args.context, args.truncate));
+      } catch (const std::exception& e) {
+        std::cout << out << std::flush;
+        std::fprintf(stderr, "clip-tokenize: line %zu: %s\n", number, e.what());
+        return 1;
+      }
+      if (out.size() > (1 << 16)) {
+        std::cout << out;
+        out.clear();
+      }
+    }
+    std::cout << out << std::flush;
+    if (!std::cout) {
+      std::fprintf(stderr, "clip-tokenize: cannot write the output\n");
       return 1;
     }
-    if (out.size() > (1 << 16)) {
-      std::cout << out;
-      out.clear();
-    }
-  }
-  std::cout << out << std::flush;
-  if (!std::cout) {
-    std::fprintf(stderr, "clip-tokenize: cannot write the output\n");
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -229,17 +229,7 @@ void run(const Arguments& args, const std::vector<std::string>& class_names, con
 }  // namespace
 
 int main(int argc, char** argv) {
-  Arguments args;
-  try {
-    args = parse(argc, argv);
-  } catch (const cli::UsageError& e) {
-    return cli::usage_error(kProgram, e.message);
-  }
-  if (args.help) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  try {
+  return cli::run_program(kProgram, kUsage, argc, argv, parse, [&](const Arguments& args) {
     std::optional<Dataset> dataset;
     std::vector<std::string> class_names;
     if (!args.classes.empty()) {
@@ -260,8 +250,6 @@ int main(int argc, char** argv) {
     cli::with_built_variant(args.model, [&]<class Cfg>(Cfg) {
       run<Cfg>(args, class_names, templates, dataset ? &*dataset : nullptr, argv[0]);
     });
-  } catch (const std::exception& e) {
-    return cli::failure(kProgram, e.what());
-  }
-  return 0;
+    return 0;
+  });
 }

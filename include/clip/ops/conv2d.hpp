@@ -25,12 +25,12 @@
 #include <cstring>
 #include <vector>
 
-#include <Eigen/Core>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "clip/core/error.hpp"
+#include "clip/ops/gemm.hpp"
 #include "clip/tensor/param.hpp"
 
 namespace clip {
@@ -174,22 +174,18 @@ struct Conv2d {
   // segment's whole im2col (columns from j0 = 0).
   static void tile(const float* x, Planes xl, const float* weight, float* y, Planes yl, int h, int w, int64_t s,
                    int64_t j0, int64_t cols, int c0, int c1, float* buffer, bool pack) {
-    using MatC = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
-    using Strided = Eigen::Map<MatC, 0, Eigen::OuterStride<>>;
-    using ConstStrided = Eigen::Map<const MatC, 0, Eigen::OuterStride<>>;
-    const int64_t out_hw = int64_t{out_size(h)} * out_size(w);
-    Eigen::Map<const MatC> wt(weight, depth, Cout);  // W^T [Cin*K*K, Cout]
-    Strided ys(y + s * yl.batch_stride + j0 + c0 * yl.channel_stride, cols, c1 - c0,
-               Eigen::OuterStride<>(yl.channel_stride));
+    // Y[c1 - c0, cols] = W[c0:c1, depth] * X[depth, cols], rows of Y `channel_stride` apart.
+    float* ys = y + s * yl.batch_stride + j0 + c0 * yl.channel_stride;
+    const float* ws = weight + int64_t{c0} * depth;
     if constexpr (direct) {
-      // y[P, Cout] = x[P, Cin] * W^T, x read in place.
-      ConstStrided xs(x + s * xl.batch_stride + j0, cols, Cin, Eigen::OuterStride<>(xl.channel_stride));
-      ys.noalias() = xs * wt.middleCols(c0, c1 - c0);
+      // X is the input itself: [Cin, pixels], planes `channel_stride` apart.
+      gemm_nn(c1 - c0, cols, Cin, ws, depth, x + s * xl.batch_stride + j0, xl.channel_stride, ys, yl.channel_stride,
+              /*accumulate=*/false);
     } else {
       // The segment starts at image s (per-image segments); the whole batch is segment 0.
+      const int64_t out_hw = int64_t{out_size(h)} * out_size(w);
       if (pack) im2col(x, xl, h, w, s * out_hw + j0, cols, 0, depth, buffer, /*parallel=*/false);
-      Eigen::Map<const MatC> cs(buffer, cols, depth);
-      ys.noalias() = cs * wt.middleCols(c0, c1 - c0);
+      gemm_nn(c1 - c0, cols, depth, ws, depth, buffer, cols, ys, yl.channel_stride, /*accumulate=*/false);
     }
   }
 

@@ -27,17 +27,18 @@
 // 14 cycles on the two FMA ports, with 16 loads (well under 3 per cycle). The broadcast side
 // (A, 14 floats per k) is the one kept in L1 and the vector side (B, 128 bytes per k) streams
 // from L2, as BLIS does on Skylake-X; the other order (a 32 KiB B panel in L1 under streaming A)
-// measured 10-25% slower, the 48 KiB L1 being too small for both. Measured alone the kernel runs
-// at ~97% of the FMA peak. Row-major y makes N the vector direction: a tile row is two cache lines.
+// measured slower, the 48 KiB L1 being too small for both. Alone, with its operands in L1/L2,
+// the kernel runs at ~97% of the FMA peak. Row-major y makes N the vector direction: a tile row
+// is two cache lines.
 //
 // Edges: rows are spread evenly over ceil(M / 14) panels (M = 400 is 29 panels of 13-14 rows,
 // not 28 of 14 and one of 8), K over ceil(K / KC) equal depth blocks (576 = 3 x 192), and a last
 // column panel narrower than 32 uses masked loads and stores of y (B is zero-padded).
 //
-// Packing B reads W or P from L3 or memory at ~0.35 ns per float (bandwidth of one core): ~6% of
-// the time at M = 400, ~30% at M = 50. So while the kernels work on one B block, the source of
-// the next one is prefetched into L2 a few lines per kernel call; and PackedMatrix removes the
-// packing altogether for constant weights (its panels stream through the same prefetch).
+// Packing B reads W or P from L3 or memory at ~0.35 ns per float (the bandwidth of one core):
+// ~6% of the time at M = 400, ~30% at M = 50. PackedMatrix packs constant weights once and
+// removes that. (Software prefetch of the next block's source into L2 during the current block
+// measured slower: it competes with the B stream for fill buffers and for L2.)
 //
 // Threads: a static split of y into one rectangle per thread, each thread packing its own
 // panels into its own thread_local buffers. There is no shared state and no waiting inside, so
@@ -50,7 +51,7 @@
 //
 // Exactness: each y element is summed in fp32 in the order k = 0, 1, ..., K-1, one depth block
 // at a time added into y in order. The order depends on K alone, not on M, N, the thread count
-// or the packing: results are bit-identical with 1 or 2 threads, packed or not.
+// or the packing: results are bit-identical with 1 or 2 threads, packed or not, whole or sliced.
 //
 // Without AVX-512 the same functions run Eigen's GEMM (one single-threaded product per thread).
 #pragma once
@@ -80,12 +81,8 @@ namespace clip {
 namespace gemm_blocking {
 inline constexpr int MR = 14;    // rows of the register tile (broadcast from A)
 inline constexpr int NR = 32;    // columns of the register tile (two zmm of B)
-#ifndef CLIP_GEMM_KC
-#define CLIP_GEMM_KC 256
-#define CLIP_GEMM_NC 1024
-#endif
-inline constexpr int KC = CLIP_GEMM_KC;  // depth of a block: A panel 14 x 256 = 14 KiB in L1
-inline constexpr int NC = CLIP_GEMM_NC;  // columns of a B block: 256 x 1024 = 1 MiB in L2
+inline constexpr int KC = 256;   // depth of a block: A panel 14 x 256 floats = 14 KiB in L1
+inline constexpr int NC = 1024;  // columns of a B block: 256 x 1024 floats = 1 MiB in L2
 // Products below this many flops (2 M N K) run on one thread: waking a second costs more.
 inline constexpr int64_t parallel_min_flops = int64_t{1} << 22;
 }  // namespace gemm_blocking
@@ -148,6 +145,9 @@ struct BSource {
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
 // r[i] (row i, 16 floats) becomes column i: r[j][i] = old r[i][j].
+// (GCC 12 at -O2 flags the _mm512_undefined_ps inside the unpack intrinsics as uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 inline void transpose16(__m512 r[16]) {
   __m512 t[16], u[16];
   for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved: t[2i] = r[2i][0] r[2i+1][0] r[2i][1] ...
@@ -175,6 +175,7 @@ inline void transpose16(__m512 r[16]) {
     r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
   }
 }
+#pragma GCC diagnostic pop
 
 // Transposing copy: dst[j * dst_stride + i] = src[i * ld + j] for i < rows (<= 16), j < cols,
 // written as whole groups of `width` (>= rows) lanes, lanes i >= rows set to zero.
@@ -240,33 +241,9 @@ inline const float* b_block(const BSource& b, int64_t pc, int64_t kc, int64_t j,
   }
 }
 
-// Prefetches the source of a B block into L2, a few cache lines per step, spread over the kernel
-// calls of the block before it: `rows` runs of `len` floats, `stride` floats apart.
-class Prefetcher {
- public:
-  void start(const BSource& b, int64_t pc, int64_t kc, int64_t j, int64_t nc, int64_t steps) {
-    switch (b.layout) {
-      case Layout::nt: base_ = b.data + j * b.ld + pc, rows_ = nc, len_ = kc, stride_ = b.ld; break;
-      case Layout::nn: base_ = b.data + pc * b.ld + j, rows_ = kc, len_ = nc, stride_ = b.ld; break;
-      default: base_ = b.data + pc * b.ld + j * kc, rows_ = 1, len_ = kc * round_up(nc, NR), stride_ = 0;
-    }
-    lines_per_row_ = len_ / 16 + 1;  // + 1: the runs need not start on a line
-    row_ = line_ = 0;
-    per_step_ = ceil_div(rows_ * lines_per_row_, std::max<int64_t>(steps, 1));
-  }
-  void stop() { rows_ = 0; }
-  void step() {
-    for (int64_t i = 0; i < per_step_ && row_ < rows_; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(base_ + row_ * stride_ + line_ * 16), _MM_HINT_T1);
-      if (++line_ == lines_per_row_) line_ = 0, ++row_;
-    }
-  }
-
- private:
-  const float* base_ = nullptr;
-  int64_t rows_ = 0, len_ = 0, stride_ = 0, lines_per_row_ = 0, row_ = 0, line_ = 0, per_step_ = 0;
-};
-
+// y[R, 16 * V] (+)= A[R, kc] * B[kc, 16 * V]: A packed a[k * R + i], B packed b[k * NR + j]
+// (64-byte aligned). The last of the V vectors of each y row is stored under `mask`.
+// `load` adds to y (accumulate, or a later depth block); otherwise y is overwritten.
 template <int R, int V>
 inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict y,
                          int64_t ldy, bool load, __mmask16 mask) {
@@ -318,8 +295,6 @@ constexpr auto kernel_row(std::integer_sequence<int, I...>) {
 inline constexpr std::array<std::array<Kernel, MR>, 2> kernels = {kernel_row<1>(std::make_integer_sequence<int, MR>{}),
                                                                   kernel_row<2>(std::make_integer_sequence<int, MR>{})};
 
-inline bool g_prefetch = true;
-
 // One thread's rectangle: y[m, n] (+)= x[m, k] * B[k, n0 : n0 + n].
 inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const BSource& b, int64_t n0,
                       float* y, int64_t ldy, bool accumulate) {
@@ -329,7 +304,6 @@ inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t l
   const int64_t kstep = depth_step(k);
   float* apanel = thread_a_buffer(int64_t{MR} * KC);
   float* bbuf = b.layout == Layout::packed ? nullptr : thread_b_buffer(KC * nc_max);
-  Prefetcher prefetch;
 
   for (int64_t jc = 0; jc < n; jc += nc_max) {
     const int64_t nc = std::min(nc_max, n - jc);
@@ -337,13 +311,6 @@ inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t l
       const int64_t kc = std::min(kstep, k - pc);
       const float* bpack = b_block(b, pc, kc, n0 + jc, nc, bbuf);
       const bool load = accumulate || pc > 0;
-      // The next block's source, spread over this block's kernel calls.
-      const int64_t calls = panels * ceil_div(nc, NR);
-      if (!g_prefetch) prefetch.stop();
-      else if (pc + kstep < k) prefetch.start(b, pc + kstep, std::min(kstep, k - pc - kstep), n0 + jc, nc, calls);
-      else if (jc + nc_max < n) prefetch.start(b, 0, kstep, n0 + jc + nc_max, std::min(nc_max, n - jc - nc_max), calls);
-      else prefetch.stop();
-
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t r = panel_row(p);
         const int rows = static_cast<int>(panel_row(p + 1) - r);
@@ -353,7 +320,6 @@ inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t l
           const int64_t w = std::min<int64_t>(NR, nc - j);
           const int v = w > 16 ? 2 : 1;
           kernels[v - 1][rows - 1](kc, apanel, bpack + j * kc, yr + j, ldy, load, lanes(w - 16 * (v - 1)));
-          prefetch.step();
         }
       }
     }
@@ -420,10 +386,10 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, c
     gemm_rect(m, n, k, x, ldx, b, 0, y, ldy, accumulate);
     return;
   }
+#ifdef _OPENMP
   // Packing a float of B costs ~2.5x one of x (memory against cache); pre-packed B costs ~1x
   // (it is only read again).
   const double b_cost = b.layout == Layout::packed ? 1.0 : 2.5;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
     const auto [tm, tn] = thread_grid(omp_get_num_threads(), m, n, 1.0, b_cost);
