@@ -5,6 +5,7 @@
 // H heads, D head dim, E embed dim, V vocab, P patch pixels.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
@@ -145,6 +146,18 @@ struct vision_dims<Cfg> {
   }
   static constexpr int64_t parameters = compute_parameters();
   static constexpr int64_t buffer_elements = compute_buffer_elements();
+
+  // Floats per image of the two activation buffers inference alternates between: the largest
+  // feature map, the stem's (w x R/2 x R/2) or a stage output (4 planes x side x side).
+  static constexpr int64_t compute_inference_floats_per_sample() {
+    int64_t largest = int64_t{width} * (resolution / 2) * (resolution / 2);
+    for (int s = 0; s < 4; ++s) {
+      const int64_t side = resolution / (4 << s);
+      largest = std::max(largest, 4 * int64_t{planes(s)} * side * side);
+    }
+    return 2 * largest;
+  }
+  static constexpr int64_t inference_floats_per_sample = compute_inference_floats_per_sample();
 
   // Matrix-product FLOPs (2 per multiply-add) of the convolutions and projections for one image
   // (RN50: 11.6 GFLOP; profilers that also count normalisation and pooling report ~12.2).

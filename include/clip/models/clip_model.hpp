@@ -55,6 +55,10 @@ struct Clip {
   static constexpr int T = Cfg::context_length;    // T
   static constexpr int E = Cfg::embed_dim;         // E
 
+  // Activation memory of inference per image and per caption, known before anything is allocated.
+  static constexpr int64_t image_activation_bytes_per_sample = sizeof(float) * Visual::inference_floats_per_sample;
+  static constexpr int64_t text_activation_bytes_per_sample = sizeof(float) * Text::inference_floats_per_sample;
+
   // Flat, as OpenAI's CLIP module: positional_embedding, text_projection, transformer,
   // token_embedding, ln_final (from Text::Params), logit_scale and visual.
   struct Params : Text::Params {

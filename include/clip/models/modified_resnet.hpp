@@ -44,6 +44,8 @@ inline void record_channel_major(Trace* trace, const std::string& name, const fl
 template <ResNetConfig Cfg>
 struct ModifiedResNet {
   using D = vision_dims<Cfg>;
+  // Activation memory per image (the ping-pong buffers; convolution scratch not counted).
+  static constexpr int64_t inference_floats_per_sample = D::inference_floats_per_sample;
   static constexpr int resolution = D::resolution;  // R
   static constexpr int width = D::width;            // w
   static constexpr int half = width / 2;
