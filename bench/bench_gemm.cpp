@@ -1,9 +1,10 @@
 // GFLOP/s of clip's GEMM (ops/gemm.hpp) against Eigen's as the model ran it before (output
 // columns split over the threads, one single-threaded Eigen GEMM each), on the model's shapes,
 // at 1 and 2 threads. For each shape and thread count the implementations run back to back, so
-// they see about the same machine load. Run with repetitions and read the medians:
+// they see about the same machine load. Run with repetitions, interleaved, and read the medians:
 //
-//   clip-bench-gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+//   clip-bench-gemm --benchmark_repetitions=9 --benchmark_enable_random_interleaving=true
+//                   --benchmark_min_time=0.1 --benchmark_report_aggregates_only=true
 //
 // Names: <shape>/<impl>/threads:<t>, impl one of
 //   new     gemm_nt (nn.Linear weight [N, K]) or gemm_nn (P [K, N]), packing B every call
