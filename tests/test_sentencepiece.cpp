@@ -2,6 +2,8 @@
 // here, then checks the shared interface: round trips, start/end tokens, padding, truncation.
 #include <boost/test/unit_test.hpp>
 
+#include "messages.hpp"
+
 #include <sentencepiece_trainer.h>
 
 #include <fstream>
@@ -75,14 +77,7 @@ const TrainedModel& trained() {
   return instance;
 }
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const clip::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using clip::test::message_of;
 
 }  // namespace
 

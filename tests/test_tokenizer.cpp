@@ -11,6 +11,7 @@
 #include "clip/io/json.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 #include "golden.hpp"
+#include "messages.hpp"
 
 namespace {
 
@@ -41,14 +42,7 @@ std::vector<int> ints(const clip::json::Value& array) {
   return out;
 }
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const clip::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using clip::test::message_of;
 
 // Captions in the style of alt text: a template, words, sometimes numbers, capitals, accents,
 // emoji and HTML entities, from a fixed-seed generator so every run tokenizes the same text.

@@ -48,10 +48,6 @@ struct AttentionPool2d {
     }
   };
 
-  static constexpr int64_t flops(int64_t batch) {
-    return 2 * batch * (int64_t{C} * C * (2 * tokens + 1) + 2 * int64_t{tokens} * C + int64_t{E} * C);
-  }
-
   // y [B, E] = pool(x: C planes of Grid x Grid, layout xl). `scratch` is grown as needed.
   static void forward(const Params& p, const float* x, Planes xl, float* y, int64_t batch, std::vector<float>& scratch) {
     constexpr int hw = Grid * Grid;

@@ -88,12 +88,6 @@ struct Bottleneck {
 
   static constexpr int out_size(int in) { return Pool::out_size(in); }
 
-  static constexpr int64_t flops(int64_t batch, int h, int w) {
-    const int ho = out_size(h), wo = out_size(w);
-    return Conv1::flops(batch, h, w) + Conv2::flops(batch, h, w) + Conv3::flops(batch, ho, wo) +
-           (has_downsample ? ConvDown::flops(batch, ho, wo) : 0);
-  }
-
   // y [4P, B, H/S, W/S] = block(x [In, B, H, W]), both channel-major; y must not alias x.
   // Every BatchNorm (with its ReLU, and the residual add for bn3) runs as the epilogue of its
   // convolution, on each block of pixels while it is in cache.

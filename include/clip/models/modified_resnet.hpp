@@ -121,14 +121,6 @@ struct ModifiedResNet {
     BottleneckScratch blocks;
   };
 
-  // Real FLOPs of one forward pass (2 per multiply-add) over convolutions and the pool's products.
-  static constexpr int64_t flops(int64_t batch) {
-    int64_t n = StemConv1::flops(batch, resolution, resolution) + StemConv2::flops(batch, stem_conv_size, stem_conv_size) +
-                StemConv3::flops(batch, stem_conv_size, stem_conv_size) + Pool::flops(batch);
-    n += stage_flops<0>(batch) + stage_flops<1>(batch) + stage_flops<2>(batch) + stage_flops<3>(batch);
-    return n;
-  }
-
   // features [B, E] = encode_image(images [B, 3, R, R], NCHW). Records "visual.stem",
   // "visual.layer1".."visual.layer4" (NCHW) and "visual.attnpool" into `trace` when given.
   // Uses a per-thread workspace that keeps its memory between calls.
@@ -173,12 +165,6 @@ struct ModifiedResNet {
     for (int s = 0; s < 4; ++s)
       n = std::max(n, int64_t{4} * D::planes(s) * stage_out_size(s) * stage_out_size(s));
     return n;
-  }
-
-  template <int S>
-  static constexpr int64_t stage_flops(int64_t batch) {
-    const int in = stage_size(S), out = stage_out_size(S);
-    return FirstBlock<S>::flops(batch, in, in) + (D::layers[S] - 1) * RestBlock<S>::flops(batch, out, out);
   }
 
   // Runs stage S from *cur, leaving its output in *cur (the two buffers swap per block).

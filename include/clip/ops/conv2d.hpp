@@ -95,9 +95,6 @@ struct Conv2d {
   using Weight = Param<Cout, Cin, K, K>;
 
   static constexpr int out_size(int in) { return (in + 2 * Pad - K) / Stride + 1; }
-  static constexpr int64_t flops(int64_t batch, int h, int w) {
-    return 2 * batch * int64_t{out_size(h)} * out_size(w) * depth * Cout;
-  }
 
   // y (Cout planes of out_size(h) x out_size(w), layout yl) = conv(x (Cin planes of h x w, layout xl)),
   // then epilogue(y, yl.channel_stride, offset, cols, c0, c1) on each finished tile: channels
