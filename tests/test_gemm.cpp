@@ -1,4 +1,4 @@
-// clip::gemm_nt / gemm_nn / gemm_packed against a double-precision loop: random shapes and the
+// clip::gemm_nt / gemm_nn / gemm_tn / gemm_packed against a double-precision loop: random shapes and the
 // edges of the blocking (M, N, K not multiples of the tiles or blocks, 1-sized dimensions),
 // row strides wider than the matrices, accumulate on and off, thread counts and parallel callers.
 #include <boost/test/unit_test.hpp>
@@ -16,7 +16,7 @@
 
 namespace {
 
-enum class Form { nt, nn, packed_nt, packed_nn };
+enum class Form { nt, nn, tn, packed_nt, packed_nn };
 
 struct Case {
   int64_t m, n, k;
@@ -37,14 +37,16 @@ std::vector<float> random_vector(size_t n, uint32_t seed) {
 struct Operands {
   Case c;
   int64_t ldx, ldb, ldy;
-  std::vector<float> x, b, y0;  // b is W [n, k] (nt forms) or P [k, n] (nn forms)
-  bool b_is_w;
+  std::vector<float> x, b, y0;  // x is [m, k] or [k, m] (tn); b is W [n, k] (nt forms) or P [k, n]
+  bool b_is_w, x_is_t;
 
-  Operands(const Case& cs, Form form, uint32_t seed) : c(cs), b_is_w(form == Form::nt || form == Form::packed_nt) {
-    ldx = c.k + c.pad_x;
+  Operands(const Case& cs, Form form, uint32_t seed)
+      : c(cs), b_is_w(form == Form::nt || form == Form::packed_nt), x_is_t(form == Form::tn) {
+    ldx = (x_is_t ? c.m : c.k) + c.pad_x;
     ldb = (b_is_w ? c.k : c.n) + c.pad_b;
     ldy = c.n + c.pad_y;
-    x = random_vector(size_t(c.m * ldx), seed);
+    const int64_t x_rows = x_is_t ? c.k : c.m, x_cols = x_is_t ? c.m : c.k;
+    x = random_vector(size_t(x_rows * ldx), seed);
     b = random_vector(size_t((b_is_w ? c.n : c.k) * ldb), seed + 1);
     y0 = random_vector(size_t(c.m * ldy), seed + 2);
     // Without accumulate y is write-only (it may hold garbage): NaN there must not leak out.
@@ -52,21 +54,22 @@ struct Operands {
       for (int64_t i = 0; i < c.m; ++i)
         for (int64_t j = 0; j < c.n; ++j) y0[i * ldy + j] = NAN;
     // NaN in the padding of x and B: a read of it would poison the result.
-    for (int64_t i = 0; i < c.m; ++i)
-      for (int64_t j = c.k; j < ldx; ++j) x[i * ldx + j] = NAN;
+    for (int64_t i = 0; i < x_rows; ++i)
+      for (int64_t j = x_cols; j < ldx; ++j) x[i * ldx + j] = NAN;
     const int64_t b_rows = b_is_w ? c.n : c.k, b_cols = b_is_w ? c.k : c.n;
     for (int64_t i = 0; i < b_rows; ++i)
       for (int64_t j = b_cols; j < ldb; ++j) b[i * ldb + j] = NAN;
   }
 
   float bval(int64_t kk, int64_t j) const { return b_is_w ? b[j * ldb + kk] : b[kk * ldb + j]; }
+  float xval(int64_t i, int64_t kk) const { return x_is_t ? x[kk * ldx + i] : x[i * ldx + kk]; }
 
   std::vector<double> reference() const {
     std::vector<double> ref(size_t(c.m * c.n));
     for (int64_t i = 0; i < c.m; ++i)
       for (int64_t j = 0; j < c.n; ++j) {
         double s = c.accumulate ? double(y0[i * ldy + j]) : 0.0;
-        for (int64_t kk = 0; kk < c.k; ++kk) s += double(x[i * ldx + kk]) * double(bval(kk, j));
+        for (int64_t kk = 0; kk < c.k; ++kk) s += double(xval(i, kk)) * double(bval(kk, j));
         ref[size_t(i * c.n + j)] = s;
       }
     return ref;
@@ -82,6 +85,9 @@ std::vector<float> run(const Operands& op, Form form) {
       break;
     case Form::nn:
       clip::gemm_nn(c.m, c.n, c.k, op.x.data(), op.ldx, op.b.data(), op.ldb, y.data(), op.ldy, c.accumulate);
+      break;
+    case Form::tn:
+      clip::gemm_tn(c.m, c.n, c.k, op.x.data(), op.ldx, op.b.data(), op.ldb, y.data(), op.ldy, c.accumulate);
       break;
     case Form::packed_nt: {
       const auto packed = clip::PackedMatrix::from_nt(op.b.data(), c.n, c.k, op.ldb);
@@ -124,11 +130,12 @@ void check(const Operands& op, const std::vector<float>& y, const char* what) {
   }
 }
 
-constexpr Form all_forms[] = {Form::nt, Form::nn, Form::packed_nt, Form::packed_nn};
+constexpr Form all_forms[] = {Form::nt, Form::nn, Form::tn, Form::packed_nt, Form::packed_nn};
 const char* form_name(Form f) {
   switch (f) {
     case Form::nt: return "nt";
     case Form::nn: return "nn";
+    case Form::tn: return "tn";
     case Form::packed_nt: return "packed_nt";
     default: return "packed_nn";
   }
@@ -150,7 +157,7 @@ BOOST_AUTO_TEST_CASE(edge_shapes) {
       for (int64_t k : ks) {
         if (m * n * k > int64_t{1} << 24) continue;  // keep the double reference quick
         const Case c{m, n, k, 0, 0, 0, (seed & 1) != 0};
-        const Form form = all_forms[seed % 4];
+        const Form form = all_forms[seed % 5];
         const Operands op(c, form, seed++);
         check(op, run(op, form), form_name(form));
       }
@@ -175,7 +182,7 @@ BOOST_AUTO_TEST_CASE(model_shapes) {
                         {64, 392, 4608}, {33, 1536, 512, 0, 0, 512}};
   uint32_t seed = 500;
   for (const Case& c : cases)
-    for (Form form : {Form::nt, Form::nn}) {
+    for (Form form : {Form::nt, Form::nn, Form::tn}) {
       const Operands op(c, form, seed++);
       check(op, run(op, form), form_name(form));
     }

@@ -4,6 +4,8 @@
 //   gemm_nn:     y[M, N] (+)= x[M, K] * P     P stored [K, N]: visual.proj / text_projection, or a
 //                                             convolution as W[Cout, Cin*k*k] * im2col[Cin*k*k, pixels]
 //   gemm_packed: y[M, N] (+)= x[M, K] * B     B packed once by PackedMatrix from either layout
+//   gemm_tn:     y[M, N] (+)= x^T * P         x stored [K, M]: weight gradients dW = dY^T X and
+//                                             the im2col gradient W^T dY of backward passes
 //
 // Every matrix has a leading dimension (row stride, in floats) so callers can address column
 // slices (one head of a fused QKV output, a block of im2col columns). `accumulate` is beta:
@@ -199,6 +201,11 @@ inline void pack_a(const float* x, int64_t ldx, int rows, int64_t kc, float* dst
   pack_transposed(x, ldx, rows, kc, dst, rows, rows);
 }
 
+// The same panel from x stored transposed ([K, M], A[i, k] = x[k, i]): a plain copy per k.
+inline void pack_a_transposed(const float* x, int64_t ldx, int rows, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) std::copy_n(x + k * ldx, rows, dst + k * rows);
+}
+
 // B block from W [N, K] (NT), B[k, j] = W[j, k]: panel p holds columns [32p, 32p + 32) of the
 // block as dst[p * kc * NR + k * NR + j], zero beyond the last column.
 inline void pack_b_nt(const float* w, int64_t ldw, int64_t nc, int64_t kc, float* dst) {
@@ -298,8 +305,8 @@ inline constexpr std::array<std::array<Kernel, MR>, 2> kernels = {kernel_row<1>(
                                                                   kernel_row<2>(std::make_integer_sequence<int, MR>{})};
 
 // One thread's rectangle: y[m, n] (+)= x[m, k] * B[k, n0 : n0 + n].
-inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const BSource& b, int64_t n0,
-                      float* y, int64_t ldy, bool accumulate) {
+inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed,
+                      const BSource& b, int64_t n0, float* y, int64_t ldy, bool accumulate) {
   const int64_t panels = ceil_div(m, MR);
   auto panel_row = [&](int64_t p) { return m * p / panels; };  // rows spread evenly
   const int64_t nc_max = round_up(ceil_div(n, ceil_div(n, NC)), NR);  // equal column blocks
@@ -316,7 +323,8 @@ inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t l
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t r = panel_row(p);
         const int rows = static_cast<int>(panel_row(p + 1) - r);
-        pack_a(x + r * ldx + pc, ldx, rows, kc, apanel);
+        if (x_transposed) pack_a_transposed(x + pc * ldx + r, ldx, rows, kc, apanel);
+        else pack_a(x + r * ldx + pc, ldx, rows, kc, apanel);
         float* yr = y + r * ldy + jc;
         for (int64_t j = 0; j < nc; j += NR) {
           const int64_t w = std::min<int64_t>(NR, nc - j);
@@ -334,15 +342,18 @@ using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 using StridedMap = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
 using ConstStridedMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
-inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const BSource& b, int64_t n0,
-                      float* y, int64_t ldy, bool accumulate) {
+inline void gemm_rect(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed,
+                      const BSource& b, int64_t n0, float* y, int64_t ldy, bool accumulate) {
   StridedMap ys(y, m, n, Eigen::OuterStride<>(ldy));
-  ConstStridedMap xs(x, m, k, Eigen::OuterStride<>(ldx));
   if (!accumulate) ys.setZero();
-  if (b.layout == Layout::nt)
-    ys.noalias() += xs * ConstStridedMap(b.data + n0 * b.ld, n, k, Eigen::OuterStride<>(b.ld)).transpose();
-  else  // nn, and PackedMatrix, which holds plain [K, N] here
-    ys.noalias() += xs * ConstStridedMap(b.data + n0, k, n, Eigen::OuterStride<>(b.ld));
+  auto product = [&](const auto& xs) {
+    if (b.layout == Layout::nt)
+      ys.noalias() += xs * ConstStridedMap(b.data + n0 * b.ld, n, k, Eigen::OuterStride<>(b.ld)).transpose();
+    else  // nn, and PackedMatrix, which holds plain [K, N] here
+      ys.noalias() += xs * ConstStridedMap(b.data + n0, k, n, Eigen::OuterStride<>(b.ld));
+  };
+  if (x_transposed) product(ConstStridedMap(x, k, m, Eigen::OuterStride<>(ldx)).transpose());
+  else product(ConstStridedMap(x, m, k, Eigen::OuterStride<>(ldx)));
 }
 
 #endif  // __AVX512F__
@@ -375,8 +386,8 @@ inline std::pair<int, int> thread_grid(int threads, int64_t m, int64_t n, double
 }
 
 // y[m, n] (+)= x[m, k] * B[k, n], on the calling thread or split over the OpenMP threads.
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const BSource& b, float* y, int64_t ldy,
-                 bool accumulate) {
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed, const BSource& b,
+                 float* y, int64_t ldy, bool accumulate) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     if (!accumulate)
@@ -385,7 +396,7 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, c
   }
   const int threads = gemm_threads(m, n, k);
   if (threads <= 1) {
-    gemm_rect(m, n, k, x, ldx, b, 0, y, ldy, accumulate);
+    gemm_rect(m, n, k, x, ldx, x_transposed, b, 0, y, ldy, accumulate);
     return;
   }
 #ifdef _OPENMP
@@ -400,7 +411,8 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, c
     const int64_t m0 = m * i / tm, m1 = m * (i + 1) / tm;
     const int64_t n0 = std::min(n, n_panels * j / tn * NR), n1 = std::min(n, n_panels * (j + 1) / tn * NR);
     if (t < tm * tn && m0 < m1 && n0 < n1)
-      gemm_rect(m1 - m0, n1 - n0, k, x + m0 * ldx, ldx, b, n0, y + m0 * ldy + n0, ldy, accumulate);
+      gemm_rect(m1 - m0, n1 - n0, k, x_transposed ? x + m0 : x + m0 * ldx, ldx, x_transposed, b, n0,
+                y + m0 * ldy + n0, ldy, accumulate);
   }
 #endif
 }
@@ -459,19 +471,25 @@ class PackedMatrix {
 // ldw >= k, ldy >= n. accumulate: y += x w^T, else y = x w^T.
 inline void gemm_nt(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
                     int64_t ldy, bool accumulate) {
-  detail::gemm::gemm(m, n, k, x, ldx, {detail::gemm::Layout::nt, w, ldw}, y, ldy, accumulate);
+  detail::gemm::gemm(m, n, k, x, ldx, false, {detail::gemm::Layout::nt, w, ldw}, y, ldy, accumulate);
 }
 
 // y[m, n] (+)= x[m, k] * p, p [k, n] row-major. Row strides ldx >= k, ldp >= n, ldy >= n.
 inline void gemm_nn(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const float* p, int64_t ldp, float* y,
                     int64_t ldy, bool accumulate) {
-  detail::gemm::gemm(m, n, k, x, ldx, {detail::gemm::Layout::nn, p, ldp}, y, ldy, accumulate);
+  detail::gemm::gemm(m, n, k, x, ldx, false, {detail::gemm::Layout::nn, p, ldp}, y, ldy, accumulate);
+}
+
+// y[m, n] (+)= x^T * p, x [k, m] and p [k, n] row-major. Row strides ldx >= m, ldp >= n, ldy >= n.
+inline void gemm_tn(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const float* p, int64_t ldp, float* y,
+                    int64_t ldy, bool accumulate) {
+  detail::gemm::gemm(m, n, k, x, ldx, true, {detail::gemm::Layout::nn, p, ldp}, y, ldy, accumulate);
 }
 
 // y[m, b.cols()] (+)= x[m, b.rows()] * B, B packed by PackedMatrix. Row strides ldx >= K, ldy >= N.
 inline void gemm_packed(int64_t m, const float* x, int64_t ldx, const PackedMatrix& b, float* y, int64_t ldy,
                         bool accumulate) {
-  detail::gemm::gemm(m, b.cols(), b.rows(), x, ldx, b.source(), y, ldy, accumulate);
+  detail::gemm::gemm(m, b.cols(), b.rows(), x, ldx, false, b.source(), y, ldy, accumulate);
 }
 
 }  // namespace clip
