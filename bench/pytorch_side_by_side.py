@@ -1,27 +1,33 @@
 #!/usr/bin/env python3
-"""CPU encoding throughput of this library beside PyTorch, interleaved in one run.
+"""CPU encoding and training throughput of this library beside PyTorch, interleaved in one run.
 
 The PyTorch models below are this project's own torch.nn rendering of the same architectures
 (QuickGELU, pre-LayerNorm residual attention blocks, the modified ResNet with attention pooling),
 in float32 with random weights: throughput does not depend on the weight values.
 
 Each round runs one C++ benchmark case, then the same case in PyTorch, so both see the same
-machine load. Usage (from the build folder's parent):
+machine load. A training case (`*_train`) is one whole step: both towers forward and backward,
+the symmetric cross-entropy, and torch.optim.AdamW. Usage (from the build folder's parent):
 
     OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \\
         /usr/bin/python3 bench/pytorch_side_by_side.py --bench build/bench/clip-bench-encode
+    OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \\
+        /usr/bin/python3 bench/pytorch_side_by_side.py --bench build/bench/clip-bench-train \\
+        --cases ViT-B-32_train/16,RN50_train/16
 
 PyTorch's fp32 products need OpenBLAS (libopenblas0-pthread) with OPENBLAS_CORETYPE=SkylakeX on
 these CPUs, which it otherwise misdetects (falling back to SSE3 kernels).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -150,7 +156,58 @@ CASES = {
 }
 
 
+class Clip(nn.Module):
+    """Both towers, the learned temperature and CLIP's symmetric cross-entropy."""
+
+    def __init__(self, visual, text):
+        super().__init__()
+        self.visual, self.text = visual, text
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def loss(self, images, texts):
+        a = F.normalize(self.visual(images), dim=-1)
+        b = F.normalize(self.text(texts), dim=-1)
+        logits = self.logit_scale.exp() * a @ b.t()
+        labels = torch.arange(a.shape[0])
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def full_captions(b):
+    return torch.cat([torch.randint(1, 49406, (b, 76)), torch.full((b, 1), 49407)], 1)
+
+
+# name -> (model factory, GFLOP per image-text pair: 3x the forward of both towers)
+TRAIN_CASES = {
+    "ViT-B-32_train": (lambda: Clip(VisionTransformer(224, 32, 768, 12, 512), TextTransformer(77, 49408, 512, 12, 512)),
+                       3 * (8.8176 + 5.9595)),
+    "RN50_train": (lambda: Clip(ModifiedResNet(224, [3, 4, 6, 3], 64, 1024), TextTransformer(77, 49408, 512, 12, 1024)),
+                   3 * (11.586 + 5.9600)),
+}
+
+
+def time_torch_train(name, batch, seconds):
+    model = TRAIN_CASES[name][0]().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    images, texts = torch.randn(batch, 3, 224, 224), full_captions(batch)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(images, texts).backward()
+        optimizer.step()
+
+    step()
+    runs, start = 0, time.perf_counter()
+    while True:
+        step()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and runs >= 3:
+            return batch * runs / elapsed
+
+
 def time_torch(name, batch, seconds):
+    if name in TRAIN_CASES:
+        return time_torch_train(name, batch, seconds)
     make_model, make_input, _ = CASES[name]
     model = make_model().eval()
     x = make_input(batch)
@@ -196,7 +253,7 @@ def main():
             ours.append(time_cpp(args.bench, name, batch, args.seconds))
             theirs.append(time_torch(name, batch, args.seconds))
         a, b = statistics.median(ours), statistics.median(theirs)
-        gflop = CASES[name][2]
+        gflop = TRAIN_CASES[name][1] if name in TRAIN_CASES else CASES[name][2]
         print(f"| {name} | {batch} | {a:.2f} | {a * gflop:.0f} | {b:.2f} | {b * gflop:.0f} | {a / b:.2f}x |", flush=True)
 
 

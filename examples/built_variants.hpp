@@ -1,7 +1,8 @@
 // The variants a program is compiled for. examples/meson.build turns the `variants` option into
 // -DCLIP_VARIANT_<NAME>=1 definitions: every variant instantiates the image and text encoders
 // once more, which is what a build pays for in compile time. The test copies of the programs
-// add the two tiny golden models (-DCLIP_TEST_VARIANTS, tests/golden_variants.hpp).
+// add the two tiny golden models (-DCLIP_TEST_VARIANTS, tests/golden_variants.hpp); the programs
+// that train or load the Fashion-MNIST demo's model add it (-DCLIP_EXAMPLE_VARIANTS).
 #pragma once
 
 #include <string>
@@ -15,6 +16,9 @@
 #include "cli.hpp"
 #ifdef CLIP_TEST_VARIANTS
 #include "golden_variants.hpp"
+#endif
+#ifdef CLIP_EXAMPLE_VARIANTS
+#include "fashion_mnist_variant.hpp"
 #endif
 
 #ifndef CLIP_VARIANT_RN50
@@ -74,6 +78,9 @@ using BuiltVariants = typename detail::concat<
     detail::if_built<CLIP_VARIANT_VIT_L_14_336, variants::ViT_L_14_336>
 #ifdef CLIP_TEST_VARIANTS
     , VariantList<test::ViTTiny, test::RNTiny>
+#endif
+#ifdef CLIP_EXAMPLE_VARIANTS
+    , VariantList<examples::FashionMnistViT>
 #endif
     >::type;
 

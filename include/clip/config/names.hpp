@@ -53,7 +53,7 @@ decltype(auto) with_variant(std::string_view name, F&& f) {
   } else {
     std::optional<Result> result;
     ((same_variant_name(name, Cfgs::name) ? (result.emplace(f(Cfgs{})), true) : false) || ...);
-    if (result) return std::move(*result);
+    if (result) return Result(std::move(*result));  // a value: decltype(auto) of std::move(*result) would dangle
   }
   std::string known;
   ((known += (known.empty() ? "" : ", ") + std::string(Cfgs::name)), ...);

@@ -1,8 +1,10 @@
-// A small JSON reader and string quoting: enough for safetensors headers, variant tables and
-// test cases, with errors that say where the text is wrong.
+// A small JSON reader and writer: enough for safetensors headers, variant tables, test cases,
+// checkpoint metadata and metrics logs, with errors that say where the text is wrong.
 #pragma once
 
 #include <cctype>
+#include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -231,6 +233,44 @@ inline std::string quote(std::string_view s) {
     }
   }
   return out + "\"";
+}
+
+// A number as JSON text: the shortest form that reads back as the same double, so floats and
+// doubles survive a round trip exactly. JSON has no NaN or infinity: they become null.
+inline std::string number(double d) {
+  if (!std::isfinite(d)) return "null";
+  char buf[32];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, d);
+  return std::string(buf, ec == std::errc() ? end : buf);
+}
+
+// A value as compact JSON text (object keys in sorted order); parse(dump(v)) gives v back.
+inline std::string dump(const Value& value) {
+  struct Writer {
+    std::string operator()(std::nullptr_t) const { return "null"; }
+    std::string operator()(bool b) const { return b ? "true" : "false"; }
+    std::string operator()(double d) const { return number(d); }
+    std::string operator()(const std::string& s) const { return quote(s); }
+    std::string operator()(const Array& a) const {
+      std::string out = "[";
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (i) out += ',';
+        out += dump(a[i]);
+      }
+      return out + "]";
+    }
+    std::string operator()(const Object& o) const {
+      std::string out = "{";
+      for (const auto& [k, v] : o) {
+        if (out.size() > 1) out += ',';
+        out += quote(k);
+        out += ':';
+        out += dump(v);
+      }
+      return out + "}";
+    }
+  };
+  return std::visit(Writer{}, value.v);
 }
 
 }  // namespace clip::json

@@ -271,6 +271,11 @@ class SafeTensorsWriter {
   void add_integers(const std::string& name, const Shape& shape, const int64_t* values) {
     add_bytes(name, DType::I64, shape, values, shape_numel(shape) * 8);
   }
+  // Adds the tensor without copying it: `values` must stay valid and unchanged until write()
+  // returns (a checkpoint of a large model then costs no second copy of its memory).
+  void add_view(const std::string& name, const Shape& shape, const float* values) {
+    add_bytes(name, DType::F32, shape, values, shape_numel(shape) * 4, /*copy=*/false);
+  }
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
   void write(const std::filesystem::path& path) const {
@@ -291,8 +296,8 @@ class SafeTensorsWriter {
       if (i || !metadata_.empty()) header += ',';
       header += json::quote(it.name) + ":{\"dtype\":\"" + dtype_name(it.dtype) +
                 "\",\"shape\":" + shape_json(it.shape) + ",\"data_offsets\":[" + std::to_string(offset) + "," +
-                std::to_string(offset + it.bytes.size()) + "]}";
-      offset += it.bytes.size();
+                std::to_string(offset + it.size) + "]}";
+      offset += it.size;
     }
     header += "}";
     header.append((8 - header.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
@@ -304,7 +309,7 @@ class SafeTensorsWriter {
       const uint64_t n = header.size();
       out.write(reinterpret_cast<const char*>(&n), 8);
       out.write(header.data(), static_cast<std::streamsize>(header.size()));
-      for (const Item& it : items_) out.write(reinterpret_cast<const char*>(it.bytes.data()), it.bytes.size());
+      for (const Item& it : items_) out.write(reinterpret_cast<const char*>(it.data()), it.size);
       out.flush();
       if (!out) {
         std::error_code ignored;
@@ -340,16 +345,21 @@ class SafeTensorsWriter {
     std::string name;
     DType dtype;
     Shape shape;
-    std::vector<unsigned char> bytes;
+    std::vector<unsigned char> bytes;  // a copy, or empty for a view
+    const unsigned char* view = nullptr;
+    std::streamsize size = 0;
+    const unsigned char* data() const { return view ? view : bytes.data(); }
   };
   std::vector<Item> items_;
   std::map<std::string, std::string> metadata_;
 
-  void add_bytes(const std::string& name, DType dtype, const Shape& shape, const void* data, int64_t bytes) {
+  void add_bytes(const std::string& name, DType dtype, const Shape& shape, const void* data, int64_t bytes,
+                 bool copy = true) {
     CLIP_CHECK(name != "__metadata__", "a tensor cannot be named __metadata__");
     for (const Item& it : items_) CLIP_CHECK(it.name != name, "tensor '", name, "' is added twice");
     const auto* p = static_cast<const unsigned char*>(data);
-    items_.push_back({name, dtype, shape, std::vector<unsigned char>(p, p + bytes)});
+    if (copy) items_.push_back({name, dtype, shape, std::vector<unsigned char>(p, p + bytes), nullptr, bytes});
+    else items_.push_back({name, dtype, shape, {}, p, bytes});
   }
 
   static std::string shape_json(const Shape& shape) {

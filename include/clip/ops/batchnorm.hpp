@@ -6,6 +6,11 @@
 // eval mode takes (mean, var) from the running statistics; train mode from the batch (biased
 // variance), then updates running = (1 - momentum) * running + momentum * batch statistic with
 // the unbiased variance, and num_batches_tracked += 1.
+//
+// Training: a convolution gathers the batch statistics in its epilogue (StatsEpilogue: each
+// tile's mean and squared deviations while it is in cache), `finish_statistics` turns them into
+// the normalisation, and `backward` is the gradient of act(bn(x) [+ residual]) in two passes
+// (per-channel sums, then d_x), with the ReLU's mask taken from the output or recomputed from x.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +19,10 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "clip/core/error.hpp"
 #include "clip/ops/conv2d.hpp"  // Planes
@@ -72,9 +81,11 @@ struct BatchNorm2d {
   }
 
   // Train mode: normalises with the batch statistics, updates p's running statistics and
-  // counter, and keeps mean and invstd in `saved` (when given) for backward.
+  // counter (unless update_running_stats is false), and keeps mean and invstd in `saved` (when
+  // given) for backward.
   static void forward_train(Params& p, const float* x, Planes xl, float* y, Planes yl, int64_t batch, int64_t hw,
-                            Activation act, const float* residual = nullptr, Planes rl = {0, 0}, Saved* saved = nullptr) {
+                            Activation act, const float* residual = nullptr, Planes rl = {0, 0}, Saved* saved = nullptr,
+                            bool update_running_stats = true) {
     const int64_t count = batch * hw;
     CLIP_CHECK(count > 1, "train-mode BatchNorm needs more than one value per channel, got ", count);
     float mean[C], var[C];
@@ -93,11 +104,13 @@ struct BatchNorm2d {
       }
       mean[c] = static_cast<float>(m);
       var[c] = static_cast<float>(sq / double(count));
-      p.running_mean[c] = (1 - momentum) * p.running_mean[c] + momentum * mean[c];
-      p.running_var[c] = (1 - momentum) * p.running_var[c] +
-                         momentum * static_cast<float>(sq / double(count - 1));
+      if (update_running_stats) {
+        p.running_mean[c] = (1 - momentum) * p.running_mean[c] + momentum * mean[c];
+        p.running_var[c] = (1 - momentum) * p.running_var[c] +
+                           momentum * static_cast<float>(sq / double(count - 1));
+      }
     }
-    p.num_batches_tracked.value += 1;
+    if (update_running_stats) p.num_batches_tracked.value += 1;
     if (saved)
       for (int c = 0; c < C; ++c) {
         saved->mean[c] = mean[c];
@@ -106,6 +119,155 @@ struct BatchNorm2d {
     float alpha[C], beta[C];
     affine(p, mean, var, alpha, beta);
     apply(alpha, beta, x, xl, y, yl, batch, hw, act, residual, rl);
+  }
+
+  // Per-thread partial statistics that StatsEpilogue fills, [threads][count, mean, M2][C] in
+  // double (M2: sum of squared deviations from the mean).
+  static int64_t statistics_size(int threads) { return int64_t{threads} * 3 * C; }
+
+  // A convolution epilogue that folds each finished tile into the calling thread's partial
+  // statistics of `stats` (zeroed by the caller, one slot per thread of the convolution), so
+  // train mode needs no extra pass over the output. A tile's mean and M2 come from two float
+  // passes over it while it is in cache; tiles merge in double by Chan et al.'s pairwise
+  // formula, which keeps the variance exact where E[x^2] - E[x]^2 would cancel.
+  struct StatsEpilogue {
+    double* stats;
+
+    void operator()(float* y, int64_t channel_stride, int64_t offset, int64_t cols, int c0, int c1) const {
+#ifdef _OPENMP
+      double* slot = stats + int64_t{omp_get_thread_num()} * 3 * C;
+#else
+      double* slot = stats;
+#endif
+      for (int c = c0; c < c1; ++c) {
+        const float* v = y + offset + c * channel_stride;
+        const double tile_mean = sum(v, cols) / double(cols);
+        const float tm = static_cast<float>(tile_mean);
+        double m2 = 0;
+        for (int64_t i0 = 0; i0 < cols; i0 += kChunk) {
+          const int64_t i1 = std::min(cols, i0 + kChunk);
+          float q = 0.0f;
+#pragma omp simd reduction(+ : q)
+          for (int64_t i = i0; i < i1; ++i) q += (v[i] - tm) * (v[i] - tm);
+          m2 += q;
+        }
+        merge(slot[c], slot[C + c], slot[2 * C + c], double(cols), tile_mean, m2);
+      }
+    }
+  };
+
+  // (n, mean, m2) += a part of nb values with mean mb and squared deviations m2b.
+  static void merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+    const double total = n + nb, delta = mb - mean;
+    mean += delta * nb / total;
+    m2 += m2b + delta * delta * n * nb / total;
+    n = total;
+  }
+
+  // From the per-thread partial statistics: the batch mean and invstd into `saved`, and (unless
+  // update_running_stats is false) the running statistics and counter.
+  static void finish_statistics(Params& p, const double* stats, int threads, Saved& saved,
+                                bool update_running_stats = true) {
+    for (int c = 0; c < C; ++c) {
+      double n = 0, mean = 0, m2 = 0;
+      for (int t = 0; t < threads; ++t) {
+        const double* slot = stats + int64_t{t} * 3 * C;
+        if (slot[c] > 0) merge(n, mean, m2, slot[c], slot[C + c], slot[2 * C + c]);
+      }
+      CLIP_CHECK(n > 1, "train-mode BatchNorm needs more than one value per channel, got ", n);
+      const float var = static_cast<float>(m2 / n);
+      saved.mean[c] = static_cast<float>(mean);
+      saved.invstd[c] = 1.0f / std::sqrt(var + eps);
+      if (update_running_stats) {
+        p.running_mean[c] = (1 - momentum) * p.running_mean[c] + momentum * saved.mean[c];
+        p.running_var[c] = (1 - momentum) * p.running_var[c] + momentum * static_cast<float>(m2 / (n - 1));
+      }
+    }
+    if (update_running_stats) p.num_batches_tracked.value += 1;
+  }
+
+  // y = act(bn(x) [+ residual]) with the batch statistics of a train-mode pass (the forward's
+  // second half, and the recomputation of a ReLU output during backward: bit-identical).
+  static void apply_train(const Params& p, const Saved& saved, const float* x, Planes xl, float* y, Planes yl,
+                          int64_t batch, int64_t hw, Activation act, const float* residual = nullptr, Planes rl = {0, 0}) {
+    float alpha[C], beta[C];
+    train_affine(p, saved, alpha, beta);
+    apply(alpha, beta, x, xl, y, yl, batch, hw, act, residual, rl);
+  }
+
+  // y = relu(bn(x) + bn_r(r)) over `len` values per channel of channel-major x, r and y (a
+  // bottleneck's output with its downsampled shortcut, in one pass).
+  static void apply_train_sum(const Params& p, const Saved& saved, const float* x, const Params& pr,
+                              const Saved& saved_r, const float* r, float* y, int64_t len) {
+    float alpha[C], beta[C], alpha_r[C], beta_r[C];
+    train_affine(p, saved, alpha, beta);
+    train_affine(pr, saved_r, alpha_r, beta_r);
+    for (int c = 0; c < C; ++c) beta[c] += beta_r[c];
+#pragma omp parallel for schedule(static) if (C * len >= (int64_t{1} << 15))
+    for (int c = 0; c < C; ++c) {
+      const float a = alpha[c], b = beta[c], ar = alpha_r[c];
+      const float* xs = x + c * len;
+      const float* rs = r + c * len;
+      float* ys = y + c * len;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) ys[i] = std::max(xs[i] * a + rs[i] * ar + b, 0.0f);
+    }
+  }
+
+  static void train_affine(const Params& p, const Saved& saved, float* alpha, float* beta) {
+    for (int c = 0; c < C; ++c) {
+      alpha[c] = saved.invstd[c] * p.weight[c];
+      beta[c] = p.bias[c] - saved.mean[c] * alpha[c];
+    }
+  }
+
+  // Backward of train-mode y = act(bn(x) [+ residual]) from dy, with xhat = (x - mean) invstd:
+  //   g = dy * (y > 0) for ReLU (y: the forward's output; null recomputes the mask from x,
+  //       which needs the forward to have had no residual), else g = dy
+  //   d_bias += sum g,  d_weight += sum g xhat
+  //   d_x = weight invstd (g - mean(g) - xhat mean(g xhat))                        (assigned)
+  //   d_residual = g   (assigned, when not null: the residual's gradient)
+  // d_x and d_residual may be the same buffer as x or dy (elementwise, in place).
+  static void backward(const Params& p, const Saved& saved, const float* x, Planes xl, const float* y, Planes yl,
+                       const float* dy, Planes dyl, float* d_x, Planes dxl, float* d_weight, float* d_bias,
+                       int64_t batch, int64_t hw, Activation act, float* d_residual = nullptr, Planes rl = {0, 0}) {
+    const int64_t count = batch * hw;
+    const Mask mask = act == Activation::none ? Mask::none : y ? Mask::output : Mask::input;
+    const bool merged = xl.batch_contiguous(hw) && dyl.batch_contiguous(hw) && dxl.batch_contiguous(hw) &&
+                        (mask != Mask::output || yl.batch_contiguous(hw)) && (!d_residual || rl.batch_contiguous(hw));
+    const int64_t images = merged ? 1 : batch, len = merged ? count : hw;
+    float alpha[C], beta[C];
+    train_affine(p, saved, alpha, beta);
+#pragma omp parallel for schedule(dynamic, 1) if (count * C >= (int64_t{1} << 15))
+    for (int c = 0; c < C; ++c) {
+      const float m = saved.mean[c], invstd = saved.invstd[c];
+      auto row = [&](int64_t n) {
+        return Row{xl.plane(x, n, c), mask == Mask::output ? yl.plane(y, n, c) : nullptr, dyl.plane(dy, n, c),
+                   dxl.plane(d_x, n, c), d_residual ? rl.plane(d_residual, n, c) : nullptr};
+      };
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t n = 0; n < images; ++n) {
+        const Row r = row(n);
+        switch (mask) {
+          case Mask::none: sums<Mask::none>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
+          case Mask::output: sums<Mask::output>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
+          case Mask::input: sums<Mask::input>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
+        }
+      }
+      d_bias[c] += static_cast<float>(sum_g);
+      d_weight[c] += static_cast<float>(sum_gx * invstd);
+      // d_x = alpha g + k (x - mean) + k0
+      const float k = static_cast<float>(-double(alpha[c]) * invstd * invstd * sum_gx / double(count));
+      const float k0 = static_cast<float>(-double(alpha[c]) * sum_g / double(count));
+      for (int64_t n = 0; n < images; ++n) {
+        const Row r = row(n);
+        switch (mask) {
+          case Mask::none: input_gradient<Mask::none>(r, len, m, alpha[c], beta[c], k, k0); break;
+          case Mask::output: input_gradient<Mask::output>(r, len, m, alpha[c], beta[c], k, k0); break;
+          case Mask::input: input_gradient<Mask::input>(r, len, m, alpha[c], beta[c], k, k0); break;
+        }
+      }
+    }
   }
 
   // A convolution epilogue (see Conv2d::forward) that applies eval-mode BatchNorm, the optional
@@ -144,6 +306,73 @@ struct BatchNorm2d {
             act);
   }
 
+ private:
+  // Backward's and the statistics' helpers.
+  // Where backward's ReLU mask comes from: no ReLU, the output y > 0, or x * alpha + beta > 0.
+  enum class Mask { none, output, input };
+  // One channel's run of values in backward's tensors.
+  struct Row {
+    const float* x;
+    const float* y;
+    const float* dy;
+    float* dx;
+    float* dres;
+  };
+  // Float partial sums over chunks this long, added up in double.
+  static constexpr int64_t kChunk = 512;
+
+  static double sum(const float* v, int64_t len) {
+    double total = 0;
+    for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+      const int64_t i1 = std::min(len, i0 + kChunk);
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = i0; i < i1; ++i) s += v[i];
+      total += s;
+    }
+    return total;
+  }
+
+  template <Mask M>
+  static float masked(const Row& r, int64_t i, float a, float b) {
+    if constexpr (M == Mask::none) return r.dy[i];
+    else if constexpr (M == Mask::output) return r.y[i] > 0.0f ? r.dy[i] : 0.0f;
+    else return r.x[i] * a + b > 0.0f ? r.dy[i] : 0.0f;
+  }
+
+  // sum_g += sum g, sum_gx += sum g (x - m) over one row.
+  template <Mask M>
+  static void sums(const Row& r, int64_t len, float m, float a, float b, double& sum_g, double& sum_gx) {
+    for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+      const int64_t i1 = std::min(len, i0 + kChunk);
+      float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float g = masked<M>(r, i, a, b);
+        sg += g;
+        sgx += g * (r.x[i] - m);
+      }
+      sum_g += sg;
+      sum_gx += sgx;
+    }
+  }
+
+  template <Mask M>
+  static void input_gradient(const Row& r, int64_t len, float m, float a, float b, float k, float k0) {
+    if (r.dres) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float g = masked<M>(r, i, a, b);
+        r.dx[i] = a * g + k * (r.x[i] - m) + k0;
+        r.dres[i] = g;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) r.dx[i] = a * masked<M>(r, i, a, b) + k * (r.x[i] - m) + k0;
+    }
+  }
+
+ public:
   // One channel's run of `len` values: y = act(x * a + b [+ r]); x may be y.
   static void row(const float* x, float* y, const float* r, int64_t len, float a, float b, Activation act) {
     if (r) {

@@ -201,9 +201,12 @@ inline void pack_a(const float* x, int64_t ldx, int rows, int64_t kc, float* dst
   pack_transposed(x, ldx, rows, kc, dst, rows, rows);
 }
 
-// The same panel from x stored transposed ([K, M], A[i, k] = x[k, i]): a plain copy per k.
+// The same panel from x stored transposed ([K, M], A[i, k] = x[k, i]): a copy of `rows` (<= MR <
+// 16) floats per k, as one masked load and store (a memcpy call per k cost as much as the
+// products at small M).
 inline void pack_a_transposed(const float* x, int64_t ldx, int rows, int64_t kc, float* dst) {
-  for (int64_t k = 0; k < kc; ++k) std::copy_n(x + k * ldx, rows, dst + k * rows);
+  const __mmask16 m = lanes(rows);
+  for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(dst + k * rows, m, _mm512_maskz_loadu_ps(m, x + k * ldx));
 }
 
 // B block from W [N, K] (NT), B[k, j] = W[j, k]: panel p holds columns [32p, 32p + 32) of the

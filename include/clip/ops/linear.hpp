@@ -130,6 +130,8 @@ void projection_forward(float* out,         // [rows, Out]
 // Backward of linear_forward / linear_residual_forward (the residual's gradient is d_out itself):
 //   d_in = d_out W (assigned; skipped when d_in is null), d_weight += d_out^T in,
 //   d_bias += column sums of d_out (skipped when d_bias is null).
+// The weight gradient is taken first, so d_in may be the same buffer as `in` (a backward pass
+// can put the input's gradient where the input was); d_in must not overlap d_out.
 template <int In, int Out>
 void linear_backward(float* d_in,            // [rows, In] or null
                      float* d_weight,        // [Out, In]
@@ -140,13 +142,13 @@ void linear_backward(float* d_in,            // [rows, In] or null
                      int64_t rows) {
   static_assert(In > 0 && Out > 0, "a linear layer needs positive input and output sizes");
   if (rows <= 0) return;
-  if (d_in) gemm_nn(rows, In, Out, d_out, Out, weight, In, d_in, In, /*accumulate=*/false);
   gemm_tn(Out, In, rows, d_out, Out, in, In, d_weight, In, /*accumulate=*/true);
   if (d_bias) column_sums_accumulate(d_bias, d_out, rows, Out);
+  if (d_in) gemm_nn(rows, In, Out, d_out, Out, weight, In, d_in, In, /*accumulate=*/false);
 }
 
 // Backward of projection_forward (out = in P): d_in = d_out P^T (assigned, when not null),
-// d_proj += in^T d_out.
+// d_proj += in^T d_out. As in linear_backward, d_in may be the same buffer as `in`.
 template <int In, int Out>
 void projection_backward(float* d_in,         // [rows, In] or null
                          float* d_proj,       // [In, Out]
@@ -156,8 +158,8 @@ void projection_backward(float* d_in,         // [rows, In] or null
                          int64_t rows) {
   static_assert(In > 0 && Out > 0, "a projection needs positive input and output sizes");
   if (rows <= 0) return;
-  if (d_in) gemm_nt(rows, In, Out, d_out, Out, proj, Out, d_in, In, /*accumulate=*/false);
   gemm_tn(In, Out, rows, in, In, d_out, Out, d_proj, Out, /*accumulate=*/true);
+  if (d_in) gemm_nt(rows, In, Out, d_out, Out, proj, Out, d_in, In, /*accumulate=*/false);
 }
 
 }  // namespace clip
