@@ -21,14 +21,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-build=${1:-build}
+build=${1:-build}  # relative to the source tree, where this script runs
 data=${FMNIST_DATA:-$build/fashion-mnist}
 run=${FMNIST_RUN:-$build/fashion-mnist-run}
+# The schedule (README, "Pretraining from scratch"): 87.8% in about 6 minutes on 2 cores; batch
+# 256 at lr 2e-3 runs as fast and ends about half a point lower.
 epochs=${FMNIST_EPOCHS:-6}
-batch=${FMNIST_BATCH:-256}
-lr=${FMNIST_LR:-2e-3}
+batch=${FMNIST_BATCH:-128}
+lr=${FMNIST_LR:-1.4e-3}
 wd=${FMNIST_WD:-0.1}
-shift=${FMNIST_SHIFT:-2}
+max_shift=${FMNIST_SHIFT:-2}
 seed=${FMNIST_SEED:-0}
 samples=60000
 steps_per_epoch=$(((samples + batch - 1) / batch))
@@ -64,7 +66,7 @@ start=$(now)
 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} stdbuf -oL "$build/examples/clip-train" \
   --model fmnist-vit --train-data "$train" \
   --batch-size "$batch" --epochs "$epochs" --lr "$lr" --wd "$wd" --warmup "$warmup" --seed "$seed" \
-  --min-crop-scale 1 --max-shift "$shift" \
+  --min-crop-scale 1 --max-shift "$max_shift" \
   --zeroshot-data "$test" --zeroshot-classes "$data/classes.txt" --zeroshot-templates "$data/templates.txt" \
   "${curve[@]}" --checkpoint-every 0 --output "$run" 2>&1 | tee "$run/log.txt"
 end=$(now)
@@ -79,6 +81,6 @@ if [[ -z "$top1" ]]; then
   exit 1
 fi
 echo
-echo "fmnist-vit, $epochs epochs of 60,000 pairs (batch $batch, lr $lr, wd $wd, warmup $warmup steps, shifts +-$shift px)"
+echo "fmnist-vit, $epochs epochs of 60,000 pairs (batch $batch, lr $lr, wd $wd, warmup $warmup steps, shifts +-$max_shift px)"
 echo "zero-shot top-1 on the 10,000 test images, $(wc -l <"$data/templates.txt") held-out templates: $top1"
 echo "time: $total s for training and evaluation together (the final evaluation: ${eval_seconds:-?} s)"
