@@ -32,8 +32,7 @@
 #include "clip/text/bpe_tokenizer.hpp"
 #include "golden.hpp"
 #include "golden_variants.hpp"
-
-extern char** environ;
+#include "program_runner.hpp"
 
 namespace {
 
@@ -41,51 +40,13 @@ namespace fs = std::filesystem;
 using clip::test::RNTiny;
 using clip::test::ViTTiny;
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("clip-programs-test-" + std::to_string(std::random_device{}()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using clip::test::slurp;
+using clip::test::TempDir;
+using Result = clip::test::ProgramResult;
 
 void write(const fs::path& p, const std::string& content) { std::ofstream(p, std::ios::binary) << content; }
 
-struct Result {
-  int status;
-  std::string out, err;
-};
-
-// Runs the program named by `env_var` with `args` (no shell, so captions need no quoting),
-// stdin empty, stdout and stderr captured through files.
-Result run(const char* env_var, const std::vector<std::string>& args) {
-  const char* program = std::getenv(env_var);
-  BOOST_TEST_REQUIRE(program != nullptr, env_var << " is not set (meson sets it)");
-  TempDir dir;
-  const std::string out = dir / "out", err = dir / "err";
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<char*> argv{const_cast<char*>(program)};
-  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  pid_t pid;
-  const int spawned = posix_spawn(&pid, program, &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  BOOST_TEST_REQUIRE(spawned == 0, "cannot run " << program);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
-
+Result run(const char* env_var, const std::vector<std::string>& args) { return clip::test::run_program(env_var, args); }
 Result embed(const std::vector<std::string>& args) { return run("CLIP_EMBED_PROGRAM", args); }
 Result zeroshot(const std::vector<std::string>& args) { return run("CLIP_ZEROSHOT_PROGRAM", args); }
 

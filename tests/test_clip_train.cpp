@@ -36,74 +36,22 @@
 #include "clip/train/checkpoint.hpp"
 #include "clip/train/metrics.hpp"
 #include "golden_variants.hpp"
-
-extern char** environ;
+#include "program_runner.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using clip::test::ViTTiny;
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("clip-train-test-" + std::to_string(::getpid()) + "-" +
-                                                std::to_string(std::random_device{}()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using clip::test::slurp;
+using clip::test::TempDir;
+using Result = clip::test::ProgramResult;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
-struct Result {
-  int status;  // the exit status, or 128 + the signal that ended the program
-  std::string out, err;
-};
-
-// clip-train (the test copy) running in the background, stdout and stderr into files.
-class Run {
- public:
-  explicit Run(const std::vector<std::string>& args) {
-    const char* program = std::getenv("CLIP_TRAIN_PROGRAM");
-    BOOST_TEST_REQUIRE(program != nullptr, "CLIP_TRAIN_PROGRAM is not set (meson sets it)");
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 1, out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    std::vector<char*> argv{const_cast<char*>(program)};
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    const int spawned = posix_spawn(&pid_, program, &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    BOOST_TEST_REQUIRE(spawned == 0, "cannot run " << program);
-  }
-  ~Run() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-
-  void signal(int sig) const { kill(pid_, sig); }
-
-  Result wait() {
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), slurp(out_), slurp(err_)};
-  }
-
- private:
-  TempDir dir_;
-  std::string out_ = dir_ / "out", err_ = dir_ / "err";
-  pid_t pid_ = -1;
+// clip-train (the test copy) running in the background.
+struct Run : clip::test::RunningProgram {
+  explicit Run(const std::vector<std::string>& args) : RunningProgram("CLIP_TRAIN_PROGRAM", args) {}
 };
 
 Result train(const std::vector<std::string>& args) { return Run(args).wait(); }

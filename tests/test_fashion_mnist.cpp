@@ -25,8 +25,7 @@
 #include "clip/text/bpe_tokenizer.hpp"
 #include "fashion_mnist_captions.hpp"
 #include "fashion_mnist_variant.hpp"
-
-extern char** environ;
+#include "program_runner.hpp"
 
 namespace {
 
@@ -38,44 +37,12 @@ const clip::text::BpeTokenizer& tokenizer() {
   return t;
 }
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("clip-fmnist-test-" + std::to_string(std::random_device{}()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-struct Result {
-  int status;
-  std::string out, err;
-};
+using clip::test::slurp;
+using clip::test::TempDir;
+using Result = clip::test::ProgramResult;
 
 Result run_program(const std::vector<std::string>& args) {
-  const char* program = std::getenv("FASHION_MNIST_SHARDS_PROGRAM");
-  BOOST_TEST_REQUIRE(program != nullptr, "FASHION_MNIST_SHARDS_PROGRAM is not set (meson sets it)");
-  TempDir dir;
-  const std::string out = (dir.path / "out").string(), err = (dir.path / "err").string();
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::vector<char*> argv{const_cast<char*>(program)};
-  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  pid_t pid;
-  const int spawned = posix_spawn(&pid, program, &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  BOOST_TEST_REQUIRE(spawned == 0, "cannot run " << program);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+  return clip::test::run_program("FASHION_MNIST_SHARDS_PROGRAM", args);
 }
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
