@@ -120,6 +120,35 @@ struct ResidualAttentionBlock {
     Acts& operator=(const Acts&) = delete;
   };
 
+  // The MLP half over `rows` rows of a.res1: out = res1 + c_proj(QuickGELU(c_fc(ln_2(res1)))),
+  // saving ln2 (with its statistics), fch and fch_gelu. Shared by forward() and forward_pooled().
+  static void mlp_forward(const Params& p, Acts& a, float* out, int64_t rows) {
+    layernorm_forward<C>(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, p.ln_2.weight.data(), p.ln_2.bias.data(),
+                         rows);                                                                    // [rows, C]
+    linear_forward<C, F>(a.fch, a.ln2, p.mlp.c_fc.weight.data(), p.mlp.c_fc.bias.data(), rows);    // [rows, F]
+    quick_gelu_forward(a.fch_gelu, a.fch, rows * F);                                               // [rows, F]
+    linear_residual_forward<F, C>(out, a.fch_gelu, p.mlp.c_proj.weight.data(), p.mlp.c_proj.bias.data(),
+                                  a.res1, rows);                                                   // [rows, C]
+  }
+
+  // Backward of mlp_forward: returns d res1 (the skip connection's d_out plus ln_2's gradient),
+  // held in a.ln2; grads += the MLP's and ln_2's parameter gradients. Overwrites fch_gelu, fch
+  // and ln2 with their gradients.
+  static float* mlp_backward(const Params& p, Acts& a, const float* d_out, Params& g, int64_t rows) {
+    float* d_gelu = a.fch_gelu;
+    linear_backward<F, C>(d_gelu, g.mlp.c_proj.weight.data(), g.mlp.c_proj.bias.data(), d_out, a.fch_gelu,
+                          p.mlp.c_proj.weight.data(), rows);                                           // [rows, F]
+    float* d_fch = a.fch;  // c_fc's bias gradient is summed in the same pass
+    quick_gelu_backward<F>(d_fch, g.mlp.c_fc.bias.data(), d_gelu, a.fch, rows);                         // [rows, F]
+    float* d_ln2 = a.ln2;
+    linear_backward<C, F>(d_ln2, g.mlp.c_fc.weight.data(), nullptr, d_fch, a.ln2, p.mlp.c_fc.weight.data(),
+                          rows);                                                                       // [rows, C]
+    float* d_res1 = a.ln2;
+    layernorm_backward<C>(d_res1, g.ln_2.weight.data(), g.ln_2.bias.data(), d_ln2, a.res1, a.ln2_mean,
+                          a.ln2_rstd, p.ln_2.weight.data(), rows, d_out);                              // [rows, C]
+    return d_res1;
+  }
+
   // out = block(in) over `batch` samples of `tokens` tokens (default T); rows are packed
   // [B, tokens, C]. `out` may be the same buffer as `in` (the stack runs in place).
   static void forward(const Params& p, Acts& a,
@@ -136,12 +165,7 @@ struct ResidualAttentionBlock {
     self_attention_forward<H, D>(a.atty, a.probs, a.qkv, batch, tokens, Causal);                   // [B, t, C]
     linear_residual_forward<C, C>(a.res1, a.atty, p.attn.out_proj.weight.data(),
                                   p.attn.out_proj.bias.data(), in, rows);                          // [B, t, C]
-    layernorm_forward<C>(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, p.ln_2.weight.data(), p.ln_2.bias.data(),
-                         rows);                                                                    // [B, t, C]
-    linear_forward<C, F>(a.fch, a.ln2, p.mlp.c_fc.weight.data(), p.mlp.c_fc.bias.data(), rows);    // [B, t, F]
-    quick_gelu_forward(a.fch_gelu, a.fch, rows * F);                                               // [B, t, F]
-    linear_residual_forward<F, C>(out, a.fch_gelu, p.mlp.c_proj.weight.data(), p.mlp.c_proj.bias.data(),
-                                  a.res1, rows);                                                   // [B, t, C]
+    mlp_forward(p, a, out, rows);                                                                  // [B, t, C]
   }
 
   // The block's output at one position per sample: out[b] = block(in)[b, pool[b]], the row a
@@ -173,12 +197,7 @@ struct ResidualAttentionBlock {
                             batch, 1, tokens, false, Causal ? pool : nullptr);                     // [B, C]
     linear_residual_forward<C, C>(a.res1, a.atty, p.attn.out_proj.weight.data(), p.attn.out_proj.bias.data(),
                                   a.res1, batch);                                                  // [B, C]
-    layernorm_forward<C>(a.ln2, a.ln2_mean, a.ln2_rstd, a.res1, p.ln_2.weight.data(), p.ln_2.bias.data(),
-                         batch);                                                                   // [B, C]
-    linear_forward<C, F>(a.fch, a.ln2, p.mlp.c_fc.weight.data(), p.mlp.c_fc.bias.data(), batch);   // [B, F]
-    quick_gelu_forward(a.fch_gelu, a.fch, batch * F);                                              // [B, F]
-    linear_residual_forward<F, C>(out, a.fch_gelu, p.mlp.c_proj.weight.data(), p.mlp.c_proj.bias.data(),
-                                  a.res1, batch);                                                  // [B, C]
+    mlp_forward(p, a, out, batch);                                                                 // [B, C]
   }
 
   // Backward of forward(p, a, in, ...): d_in from d_out (assigned), grads += the parameter
@@ -196,18 +215,7 @@ struct ResidualAttentionBlock {
     CLIP_CHECK(tokens > 0 && tokens <= T, "a block built for ", T, " tokens cannot run ", tokens);
     const int64_t rows = batch * tokens;
     if (rows == 0) return;
-    // x = res1 + c_proj(QuickGELU(c_fc(ln_2(res1))))
-    float* d_gelu = a.fch_gelu;
-    linear_backward<F, C>(d_gelu, g.mlp.c_proj.weight.data(), g.mlp.c_proj.bias.data(), d_out, a.fch_gelu,
-                          p.mlp.c_proj.weight.data(), rows);                                           // [B, t, F]
-    float* d_fch = a.fch;  // c_fc's bias gradient is summed in the same pass
-    quick_gelu_backward<F>(d_fch, g.mlp.c_fc.bias.data(), d_gelu, a.fch, rows);                         // [B, t, F]
-    float* d_ln2 = a.ln2;
-    linear_backward<C, F>(d_ln2, g.mlp.c_fc.weight.data(), nullptr, d_fch, a.ln2, p.mlp.c_fc.weight.data(),
-                          rows);                                                                       // [B, t, C]
-    float* d_res1 = a.ln2;  // the skip connection's d_out plus ln_2's gradient
-    layernorm_backward<C>(d_res1, g.ln_2.weight.data(), g.ln_2.bias.data(), d_ln2, a.res1, a.ln2_mean,
-                          a.ln2_rstd, p.ln_2.weight.data(), rows, d_out);                              // [B, t, C]
+    const float* d_res1 = mlp_backward(p, a, d_out, g, rows);                                   // [B, t, C]
 
     // res1 = x + out_proj(attention(in_proj(ln_1(x))))
     float* d_atty = a.atty;
@@ -236,17 +244,7 @@ struct ResidualAttentionBlock {
     CLIP_CHECK(tokens > 0 && tokens <= T, "a block built for ", T, " tokens cannot run ", tokens);
     const int64_t rows = batch * tokens;
     if (rows == 0) return;
-    float* d_gelu = a.fch_gelu;
-    linear_backward<F, C>(d_gelu, g.mlp.c_proj.weight.data(), g.mlp.c_proj.bias.data(), d_out, a.fch_gelu,
-                          p.mlp.c_proj.weight.data(), batch);                                          // [B, F]
-    float* d_fch = a.fch;
-    quick_gelu_backward<F>(d_fch, g.mlp.c_fc.bias.data(), d_gelu, a.fch, batch);                        // [B, F]
-    float* d_ln2 = a.ln2;
-    linear_backward<C, F>(d_ln2, g.mlp.c_fc.weight.data(), nullptr, d_fch, a.ln2, p.mlp.c_fc.weight.data(),
-                          batch);                                                                      // [B, C]
-    float* d_res1 = a.ln2;
-    layernorm_backward<C>(d_res1, g.ln_2.weight.data(), g.ln_2.bias.data(), d_ln2, a.res1, a.ln2_mean,
-                          a.ln2_rstd, p.ln_2.weight.data(), batch, d_out);                             // [B, C]
+    const float* d_res1 = mlp_backward(p, a, d_out, g, batch);                                  // [B, C]
     float* d_atty = a.atty;
     linear_backward<C, C>(d_atty, g.attn.out_proj.weight.data(), g.attn.out_proj.bias.data(), d_res1, a.atty,
                           p.attn.out_proj.weight.data(), batch);                                       // [B, C]
