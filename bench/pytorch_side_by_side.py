@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """CPU encoding and training throughput of this library beside PyTorch, interleaved in one run.
 
-The PyTorch models below are this project's own torch.nn rendering of the same architectures
-(QuickGELU, pre-LayerNorm residual attention blocks, the modified ResNet with attention pooling),
-in float32 with random weights: throughput does not depend on the weight values.
+The PyTorch models (below, and bench/torch_clip_models.py) are this project's own torch.nn
+rendering of the same architectures (QuickGELU, pre-LayerNorm residual attention blocks, the
+modified ResNet with attention pooling), in float32 with random weights: throughput does not
+depend on the weight values.
 
 Each round runs one C++ benchmark case, then the same case in PyTorch, so both see the same
 machine load. A training case (`*_train`) is one whole step: both towers forward and backward,
@@ -30,10 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+from torch_clip_models import AttentionPoolBase, ModifiedResNet, VisionTransformer, mlp, symmetric_cross_entropy
 
 
 class ResidualBlock(nn.Module):
@@ -42,7 +40,7 @@ class ResidualBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), QuickGELU(), nn.Linear(4 * width, width))
+        self.mlp = mlp(width)
         mask = None
         if causal_tokens:
             mask = torch.full((causal_tokens, causal_tokens), float("-inf")).triu(1)
@@ -54,79 +52,14 @@ class ResidualBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class VisionTransformer(nn.Module):
-    def __init__(self, resolution, patch, width, layers, embed):
-        super().__init__()
-        grid = resolution // patch
-        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width**-0.5)
-        self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.Sequential(*[ResidualBlock(width, width // 64) for _ in range(layers)])
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, embed) * width**-0.5)
-
+class AttentionPool(AttentionPoolBase):
     def forward(self, x):
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, C]
-        cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding
-        x = self.blocks(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, inplanes, planes, stride):
-        super().__init__()
-        conv_bn = lambda i, o, k: [nn.Conv2d(i, o, k, padding=k // 2, bias=False), nn.BatchNorm2d(o)]
-        self.branch = nn.Sequential(
-            *conv_bn(inplanes, planes, 1), nn.ReLU(), *conv_bn(planes, planes, 3), nn.ReLU(),
-            nn.AvgPool2d(stride) if stride > 1 else nn.Identity(), *conv_bn(planes, 4 * planes, 1))
-        self.downsample = None
-        if stride > 1 or inplanes != 4 * planes:
-            self.downsample = nn.Sequential(nn.AvgPool2d(stride), *conv_bn(inplanes, 4 * planes, 1))
-
-    def forward(self, x):
-        skip = x if self.downsample is None else self.downsample(x)
-        return torch.relu(self.branch(x) + skip)
-
-
-class AttentionPool(nn.Module):
-    def __init__(self, side, width, heads, embed):
-        super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(side * side + 1, width) / width**0.5)
-        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
-        self.c_proj = nn.Linear(width, embed)
-        self.heads = heads
-
-    def forward(self, x):
-        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding
+        x = self.tokens(x)
         b, t, c = x.shape
         split = lambda y: y.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
         q, k, v = split(self.q(x[:, :1])), split(self.k(x)), split(self.v(x))
         att = torch.softmax(q @ k.transpose(-1, -2) / (c // self.heads) ** 0.5, dim=-1)
         return self.c_proj((att @ v).transpose(1, 2).reshape(b, c))
-
-
-class ModifiedResNet(nn.Module):
-    def __init__(self, resolution, layers, width, embed):
-        super().__init__()
-        h = width // 2
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, h, 3, 2, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
-            nn.Conv2d(h, h, 3, 1, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
-            nn.Conv2d(h, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.AvgPool2d(2))
-        blocks, inplanes = [], width
-        for stage, depth in enumerate(layers):
-            planes = width << stage
-            for i in range(depth):
-                blocks.append(Bottleneck(inplanes, planes, 2 if stage > 0 and i == 0 else 1))
-                inplanes = 4 * planes
-        self.blocks = nn.Sequential(*blocks)
-        self.attnpool = AttentionPool(resolution // 32, width * 32, width * 32 // 64, embed)
-
-    def forward(self, x):
-        return self.attnpool(self.blocks(self.stem(x)))
 
 
 class TextTransformer(nn.Module):
@@ -146,9 +79,9 @@ class TextTransformer(nn.Module):
 
 # name -> (model factory, input factory for a batch, GFLOP per item (matrix products, 2 per multiply-add))
 CASES = {
-    "ViT-B-32_image": (lambda: VisionTransformer(224, 32, 768, 12, 512),
+    "ViT-B-32_image": (lambda: VisionTransformer(224, 32, 768, 12, 512, ResidualBlock),
                        lambda b: torch.randn(b, 3, 224, 224), 8.8176),
-    "RN50_image": (lambda: ModifiedResNet(224, [3, 4, 6, 3], 64, 1024),
+    "RN50_image": (lambda: ModifiedResNet(224, [3, 4, 6, 3], 64, 1024, AttentionPool),
                    lambda b: torch.randn(b, 3, 224, 224), 11.586),
     # Captions of 77 positions whose end-of-text token is the last one: the full-length cost.
     "ViT-B-32_text": (lambda: TextTransformer(77, 49408, 512, 12, 512),
@@ -167,9 +100,7 @@ class Clip(nn.Module):
     def loss(self, images, texts):
         a = F.normalize(self.visual(images), dim=-1)
         b = F.normalize(self.text(texts), dim=-1)
-        logits = self.logit_scale.exp() * a @ b.t()
-        labels = torch.arange(a.shape[0])
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return symmetric_cross_entropy(a, b, self.logit_scale)
 
 
 def full_captions(b):
@@ -178,9 +109,11 @@ def full_captions(b):
 
 # name -> (model factory, GFLOP per image-text pair: 3x the forward of both towers)
 TRAIN_CASES = {
-    "ViT-B-32_train": (lambda: Clip(VisionTransformer(224, 32, 768, 12, 512), TextTransformer(77, 49408, 512, 12, 512)),
+    "ViT-B-32_train": (lambda: Clip(VisionTransformer(224, 32, 768, 12, 512, ResidualBlock),
+                                    TextTransformer(77, 49408, 512, 12, 512)),
                        3 * (8.8176 + 5.9595)),
-    "RN50_train": (lambda: Clip(ModifiedResNet(224, [3, 4, 6, 3], 64, 1024), TextTransformer(77, 49408, 512, 12, 1024)),
+    "RN50_train": (lambda: Clip(ModifiedResNet(224, [3, 4, 6, 3], 64, 1024, AttentionPool),
+                                TextTransformer(77, 49408, 512, 12, 1024)),
                    3 * (11.586 + 5.9600)),
 }
 

@@ -16,6 +16,7 @@
 
 #include "built_variants.hpp"
 #include "cli.hpp"
+#include "device_choice.hpp"
 #include "clip/core/error.hpp"
 #include "clip/eval/zero_shot.hpp"
 #include "clip/io/json.hpp"
@@ -50,6 +51,8 @@ constexpr const char* kUsage =
     "  --out FILE        the safetensors file to write\n"
     "  --normalize       write L2-normalized rows (unit vectors) instead\n"
     "  --batch N         images or texts encoded at once (default 32; bounds memory)\n"
+    "  --device DEV      cpu (default) or cuda (the first GPU)\n"
+    "  --precision P     with --device cuda: bf16 (default; fp32 accumulation) or fp32\n"
     "  --vocab FILE      the BPE vocabulary (default: bpe_simple_vocab_16e6.txt.gz from\n"
     "                    $CLIP_DATA_DIR, the source tree's data/ or the installed share/clip)\n"
     "  --quiet           no progress bar (shown on a terminal, or in a log from 1000 items)\n"
@@ -69,6 +72,7 @@ struct Arguments {
   std::vector<Source> images, texts;
   int batch = 32;
   bool normalize = false, quiet = false, help = false;
+  cli::DeviceChoice device;
 };
 
 Arguments parse(int argc, char** argv) {
@@ -86,6 +90,8 @@ Arguments parse(int argc, char** argv) {
     else if (auto v = a.path_option("--image-dir")) args.images.push_back({true, *v});
     else if (auto v = a.option("--text")) args.texts.push_back({false, std::string(*v)});
     else if (auto v = a.path_option("--text-file")) args.texts.push_back({true, *v});
+    else if (auto v = a.option("--device")) args.device.device = cli::parse_device_option(*v);
+    else if (auto v = a.option("--precision")) args.device.precision = cli::parse_precision_option(*v);
     else if (auto v = a.option("--batch")) args.batch = cli::parse_int("--batch", *v, 1, 1 << 20, "items");
     else a.unknown();
   }
@@ -141,11 +147,11 @@ std::string json_list(const std::vector<std::string>& items) {
   return out + "]";
 }
 
-template <class Cfg>
+template <class Cfg, clip::Device D>
 void embed(const Arguments& args, const std::vector<std::string>& images, const std::vector<std::string>& texts,
            const char* argv0) {
   constexpr int E = Cfg::embed_dim;
-  clip::Model<Cfg> model;
+  clip::Model<Cfg, D> model = cli::make_model<Cfg, D>(args.device);
   model.load(args.weights);
   std::optional<clip::text::BpeTokenizer> tokenizer;
   if (!texts.empty())
@@ -200,7 +206,7 @@ int main(int argc, char** argv) {
   return cli::run_program(kProgram, kUsage, argc, argv, parse, [&](const Arguments& args) {
     const std::vector<std::string> images = expand_images(args.images);
     const std::vector<std::string> texts = expand_texts(args.texts);
-    cli::with_built_variant(args.model, [&]<class Cfg>(Cfg) { embed<Cfg>(args, images, texts, argv[0]); });
+    cli::with_built_variant(args.model, [&]<class Cfg>(Cfg) { cli::with_device(args.device.device, [&]<clip::Device D>() { embed<Cfg, D>(args, images, texts, argv[0]); }); });
     return 0;
   });
 }

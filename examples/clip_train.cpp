@@ -26,6 +26,7 @@
 
 #include "built_variants.hpp"
 #include "cli.hpp"
+#include "device_choice.hpp"
 #include "clip/config/dims.hpp"
 #include "clip/config/names.hpp"
 #include "clip/core/error.hpp"
@@ -102,6 +103,9 @@ constexpr const char* kUsage =
     "                          shorter side (default 0.8)\n"
     "  --max-shift N           then shift the image by up to N pixels each way (default 0)\n"
     "  --shuffle-buffer N      samples shuffled together (default 1000)\n"
+    "  --device DEV            cpu (default) or cuda (the first GPU; zero-shot evaluation and\n"
+    "                          checkpoints still go through the host copy of the weights)\n"
+    "  --precision P           with --device cuda: bf16 (default; fp32 master weights) or fp32\n"
     "  --recompute             activation recomputation: keep only each block's input, re-run the\n"
     "                          block in backward (less memory, ~1/3 more compute)\n"
     "  --workers N             data-loading threads (default 2)\n"
@@ -148,6 +152,7 @@ struct Arguments {
           zeroshot_batch = 256, log_every = 0;
   int workers = 2;
   bool recompute = false, quiet = false, help = false;
+  cli::DeviceChoice device;
 };
 
 template <class T>
@@ -195,6 +200,8 @@ Arguments parse(int argc, char** argv) {
     else if (r.flag("--help") || r.flag("-h")) a.help = true;
     else if (r.flag("--quiet")) a.quiet = true;
     else if (r.flag("--recompute")) a.recompute = true;
+    else if (auto v = r.option("--device")) a.device.device = cli::parse_device_option(*v);
+    else if (auto v = r.option("--precision")) a.device.precision = cli::parse_precision_option(*v);
     else if (r.flag("--no-augment")) a.augment = false;
     else if (auto v = r.option("--model")) a.model = std::string(*v);
     else if (auto v = r.path_option("--train-data")) add_sources(a.train_data, *v);
@@ -565,10 +572,10 @@ int64_t count_training_records(const RunOptions& o) {
   return n;
 }
 
-template <class Cfg>
+template <class Cfg, clip::Device D>
 int train(const Arguments& args, const RunOptions& run, const std::optional<clip::CheckpointInfo>& resumed,
           const fs::path& resume_path, const char* argv0) {
-  using Trainer = clip::Trainer<Cfg>;
+  using Trainer = clip::Trainer<Cfg, D>;
   constexpr int R = Cfg::image_resolution, T = Cfg::context_length;
   const fs::path out = args.output;
   const bool tty = isatty(2);
@@ -611,7 +618,15 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   options.recompute = args.recompute;
   if (!args.init.empty()) model.load(args.init);
   else clip::init_params<Cfg>(model.params(), run.seed);
-  Trainer trainer(model.params(), options);
+  Trainer trainer = [&] {
+    if constexpr (D == clip::Device::cuda) return Trainer(model.params(), options, args.device.precision);
+    else return Trainer(model.params(), options);
+  }();
+  // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
+  // the final weights read the host copy, brought up to date first.
+  auto to_host = [&] {
+    if constexpr (D == clip::Device::cuda) trainer.download();
+  };
 
   clip::CheckpointInfo info;
   info.variant = Cfg::name;
@@ -625,6 +640,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     info.epoch = loaded.epoch;
     info.samples = loaded.samples;
     info.elapsed_s = loaded.elapsed_s;
+    if constexpr (D == clip::Device::cuda) trainer.upload();
     std::printf("%s: resumed from '%s' at step %lld of %lld\n", kProgram, resume_path.c_str(),
                 static_cast<long long>(info.step), static_cast<long long>(total));
   }
@@ -635,6 +651,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   auto write_chart = [&] { cli::write_file_atomically(out / "curves.svg", metrics.curves().svg(chart_title, total)); };
   fs::path last_checkpoint = resumed ? resume_path : fs::path();
   auto checkpoint = [&] {
+    to_host();
     info.optimizer_steps = trainer.optimizer().steps();
     const fs::path path = clip::checkpoint_path(out, info.step);
     clip::save_checkpoint(path, model.params(), trainer.optimizer(), info);
@@ -642,6 +659,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     last_checkpoint = path;
   };
   auto run_zeroshot = [&] {
+    to_host();
     clip::ZeroShotMetrics m = evaluate(model, tokenizer, *zeroshot, args, run.seed);
     m.step = info.step;
     m.epoch = info.epoch;
@@ -796,7 +814,9 @@ int main(int argc, char** argv) {
       return cli::usage_error(kProgram, e.message);
     }
     return cli::with_built_variant(model, [&]<class Cfg>(Cfg) {
-      return train<Cfg>(args, run, resumed, resume_path, argv[0]);
+      return cli::with_device(args.device.device, [&]<clip::Device D>() {
+        return train<Cfg, D>(args, run, resumed, resume_path, argv[0]);
+      });
     });
   });
 }

@@ -15,6 +15,7 @@
 
 #include "built_variants.hpp"
 #include "cli.hpp"
+#include "device_choice.hpp"
 #include "clip/core/error.hpp"
 #include "clip/eval/zero_shot.hpp"
 #include "clip/io/json.hpp"
@@ -54,6 +55,8 @@ constexpr const char* kUsage =
     "  --dataset DIR     evaluate on the images of DIR's class folders\n"
     "  --json-out FILE   with --dataset: the JSON report (written atomically)\n"
     "  --batch N         images encoded at once (default 32; bounds memory)\n"
+    "  --device DEV      cpu (default) or cuda (the first GPU)\n"
+    "  --precision P     with --device cuda: bf16 (default; fp32 accumulation) or fp32\n"
     "  --vocab FILE      the BPE vocabulary (default: bpe_simple_vocab_16e6.txt.gz from\n"
     "                    $CLIP_DATA_DIR, the source tree's data/ or the installed share/clip)\n"
     "  --quiet           no progress bar (shown on a terminal, or in a log from 1000 items)\n"
@@ -68,6 +71,7 @@ struct Arguments {
   std::vector<std::string> images;
   int top = 5, batch = 32;
   bool quiet = false, help = false;
+  cli::DeviceChoice device;
 };
 
 Arguments parse(int argc, char** argv) {
@@ -84,6 +88,8 @@ Arguments parse(int argc, char** argv) {
     else if (auto v = a.path_option("--json-out")) args.json_out = *v;
     else if (auto v = a.path_option("--vocab")) args.vocab = *v;
     else if (auto v = a.option("--top")) args.top = cli::parse_int("--top", *v, 1, 1 << 20, "classes");
+    else if (auto v = a.option("--device")) args.device.device = cli::parse_device_option(*v);
+    else if (auto v = a.option("--precision")) args.device.precision = cli::parse_precision_option(*v);
     else if (auto v = a.option("--batch")) args.batch = cli::parse_int("--batch", *v, 1, 1 << 20, "images");
     else a.unknown();
   }
@@ -183,10 +189,10 @@ struct Evaluation {
   }
 };
 
-template <class Cfg>
+template <class Cfg, clip::Device D>
 void run(const Arguments& args, const std::vector<std::string>& class_names, const std::vector<std::string>& templates,
          const Dataset* dataset, const char* argv0) {
-  clip::Model<Cfg> model;
+  clip::Model<Cfg, D> model = cli::make_model<Cfg, D>(args.device);
   model.load(args.weights);
   const clip::text::BpeTokenizer tokenizer(args.vocab ? std::filesystem::path(*args.vocab)
                                                       : clip::text::find_bpe_vocabulary(cli::data_folders(argv0)));
@@ -248,7 +254,9 @@ int main(int argc, char** argv) {
     const std::vector<std::string> templates = cli::read_lines(template_file);
     CLIP_CHECK(!templates.empty(), "'", template_file.string(), "' holds no prompt template");
     cli::with_built_variant(args.model, [&]<class Cfg>(Cfg) {
-      run<Cfg>(args, class_names, templates, dataset ? &*dataset : nullptr, argv[0]);
+      cli::with_device(args.device.device, [&]<clip::Device D>() {
+        run<Cfg, D>(args, class_names, templates, dataset ? &*dataset : nullptr, argv[0]);
+      });
     });
     return 0;
   });

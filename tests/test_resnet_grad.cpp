@@ -18,6 +18,7 @@
 #include "clip/train/contrastive_loss.hpp"
 #include "golden.hpp"
 #include "golden_variants.hpp"
+#include "numeric.hpp"
 
 using namespace clip;
 
@@ -33,24 +34,8 @@ constexpr double grad_tolerance = 1e-4;
 constexpr double key_bias_bound = 1e-6;
 constexpr double running_tolerance = 1e-5;
 
-double max_relative(const float* got, const float* ref, int64_t n) {
-  double diff = 0, scale = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    diff = std::max(diff, std::abs(double(got[i]) - ref[i]));
-    scale = std::max(scale, std::abs(double(ref[i])));
-  }
-  return diff / scale;
-}
-
-double max_abs(const float* v, int64_t n) {
-  double m = 0;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(double(v[i])));
-  return m;
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+using clip::test::max_abs;
+using clip::test::max_relative;
 
 // Runs the training step on fresh weights (with activation recomputation or not) and compares
 // everything against the golden file.
@@ -138,7 +123,7 @@ void check_training_step(bool recompute) {
           const Tensor ref = golden.tensor(key);
           BOOST_REQUIRE_EQUAL(ref.numel(), n);
           ++checked;
-          if (ends_with(name, "attnpool.k_proj.bias")) {
+          if (name.ends_with("attnpool.k_proj.bias")) {
             const double top = max_abs(t.data(), n);
             BOOST_TEST_MESSAGE(key << ": max|got| = " << top << " (analytically zero; reference max "
                                    << max_abs(ref.data(), n) << ")");

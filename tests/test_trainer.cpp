@@ -25,6 +25,7 @@
 #include "golden.hpp"
 #include "golden_variants.hpp"
 #include "messages.hpp"
+#include "numeric.hpp"
 
 namespace {
 
@@ -162,22 +163,7 @@ void check_golden_step(const std::string& model_file, const std::string& grad_fi
   }
 }
 
-void random_batch(std::vector<float>& images, std::vector<int32_t>& tokens, int64_t batch, uint64_t seed) {
-  constexpr int R = ViTTrainTest::image_resolution, T = ViTTrainTest::context_length, V = ViTTrainTest::vocab_size;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  images.resize(batch * 3 * R * R);
-  for (float& x : images) x = normal(rng);
-  tokens.assign(batch * T, 0);
-  std::uniform_int_distribution<int> word(1, V - 3), length(1, T - 2);
-  for (int64_t b = 0; b < batch; ++b) {
-    int32_t* row = tokens.data() + b * T;
-    const int n = length(rng);
-    row[0] = V - 2;  // start of text
-    for (int i = 1; i <= n; ++i) row[i] = word(rng);
-    row[n + 1] = V - 1;  // end of text: the largest id, where the text tower pools
-  }
-}
+using clip::test::random_batch;
 
 // Runs `steps` steps with the given micro-batch/recompute from the same start; returns every
 // step's loss, and the weights and moments after the first step.
@@ -199,7 +185,7 @@ RunResult train_test_variant(int64_t batch, int64_t micro, bool recompute, int s
   std::vector<float> images;
   std::vector<int32_t> tokens;
   for (int s = 0; s < steps; ++s) {
-    random_batch(images, tokens, batch, 100 + s);
+    random_batch<ViTTrainTest>(images, tokens, batch, 100 + s);
     out.losses.push_back(trainer.step(images.data(), tokens.data()).loss);
     if (s == 0) {
       out.params = tensor_values(*params);
@@ -324,7 +310,7 @@ BOOST_AUTO_TEST_CASE(training_reduces_the_loss_on_a_fixed_batch) {
   clip::Trainer<ViTTrainTest> trainer(*params, o);
   std::vector<float> images;
   std::vector<int32_t> tokens;
-  random_batch(images, tokens, 8, 9);
+  random_batch<ViTTrainTest>(images, tokens, 8, 9);
   double first = 0, last = 0;
   for (int s = 0; s < 40; ++s) {
     const float scale_before = params->logit_scale[0];
@@ -352,7 +338,7 @@ BOOST_AUTO_TEST_CASE(trainer_clips_the_gradient_norm) {
     clip::Trainer<ViTTrainTest> trainer(*params, o);
     std::vector<float> images;
     std::vector<int32_t> tokens;
-    random_batch(images, tokens, 4, 1);
+    random_batch<ViTTrainTest>(images, tokens, 4, 1);
     r = trainer.step(images.data(), tokens.data());
     return tensor_values(trainer.optimizer().m());
   };
@@ -391,7 +377,7 @@ BOOST_AUTO_TEST_CASE(logit_scale_is_clamped_after_each_step) {
     clip::Trainer<ViTTrainTest> trainer(*params, o);
     std::vector<float> images;
     std::vector<int32_t> tokens;
-    random_batch(images, tokens, 4, 2);
+    random_batch<ViTTrainTest>(images, tokens, 4, 2);
     const clip::StepResult r = trainer.step(images.data(), tokens.data());
     BOOST_TEST(r.temperature == std::exp(start));
     BOOST_TEST(params->logit_scale[0] == (start > 0 ? clip::max_logit_scale : 0.0f));
@@ -411,7 +397,7 @@ BOOST_AUTO_TEST_CASE(non_finite_loss_stops_before_the_update) {
     clip::Trainer<ViTTrainTest> trainer(*params, o);
     std::vector<float> images;
     std::vector<int32_t> tokens;
-    random_batch(images, tokens, 4, 3);
+    random_batch<ViTTrainTest>(images, tokens, 4, 3);
     images[5] = NAN;
     const std::string message = clip::test::message_of([&] { trainer.step(images.data(), tokens.data()); });
     BOOST_TEST_MESSAGE("micro-batch " << micro << ": " << message);

@@ -26,6 +26,7 @@
 #include "clip/ops/layernorm.hpp"
 #include "clip/ops/linear.hpp"
 #include "clip/tensor/param.hpp"
+#include "numeric.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,13 +39,7 @@ namespace {
 constexpr double step = 1e-2;        // finite-difference step
 constexpr double tolerance = 5e-3;   // max |fd - analytic| / max |analytic| per tensor
 
-std::vector<float> random_vector(int64_t n, uint32_t seed, float scale = 1.0f, float mean = 0.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(mean, scale);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = dist(gen);
-  return v;
-}
+using clip::test::random_vector;
 
 // max |a - b| / max |b|. forward_train's last block runs only the pooled rows (one query per
 // sample, a matrix-vector product), so its features equal forward()'s up to summation order.

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "clip/config/device.hpp"
 #include "clip/config/dims.hpp"
 #include "clip/core/error.hpp"
 #include "clip/io/safetensors.hpp"
@@ -130,9 +131,13 @@ struct Logits {
   Tensor per_text;   // [B_txt, B_img]
 };
 
-// The object API: weights on the heap, tensors in and out.
+// The object API: weights on the heap, tensors in and out. Model<Cfg> runs on the CPU;
+// Model<Cfg, Device::cuda> (include/clip/cuda/model.hpp) is the same model on a GPU.
+template <Variant Cfg, Device D = Device::cpu>
+class Model;
+
 template <Variant Cfg>
-class Model {
+class Model<Cfg, Device::cpu> {
  public:
   using Config = Cfg;
   using Network = Clip<Cfg>;

@@ -41,6 +41,7 @@
 
 #include "clip/core/error.hpp"
 #include "clip/tensor/param.hpp"
+#include "clip/train/adamw_math.hpp"
 #include "clip/train/decimal.hpp"
 
 namespace clip {
@@ -61,43 +62,17 @@ inline bool adamw_decays(const std::string& name, int rank) {
 
 namespace detail {
 
-// The step's scalars, rounded to float once per step (see the formula at the top of the file).
-struct AdamWScalars {
-  float decay;      // 1 - lr * wd, or 1 for the no-decay group
-  float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  float neg_step;   // -lr / (1 - beta1^t)
-  float bc2_sqrt;   // sqrt(1 - beta2^t)
-  float eps;
-  float grad_scale; // gradient clipping's factor (1: none)
-};
-
-// A product the compiler must round before it is added: GCC contracts a * b + c into one FMA
-// (-ffp-contract=fast is its default), which would round differently from PyTorch's separate
-// p * (1 - lr wd) and the addcdiv that follows it. The empty asm hides the value's origin.
-template <class V>
-inline V rounded(V x) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if constexpr (sizeof(V) == sizeof(float)) asm("" : "+x"(x));
-  else asm("" : "+v"(x));
-#endif
-  return x;
-}
-
-// One element, for CPUs without AVX-512 (the same operations as the vector loop below).
-inline void adamw_element(float& p, float& g, float& m, float& v, const AdamWScalars& s) {
-  const float grad = g * s.grad_scale;
-  g = 0.0f;
-  m = std::fma(grad, s.one_minus_beta1, m * s.beta1);
-  v = rounded(v * s.beta2) + rounded(s.one_minus_beta2 * grad * grad);
-  const float denom = std::sqrt(v) / s.bc2_sqrt + s.eps;
-  p = rounded(p * s.decay) + s.neg_step * m / denom;
-}
+// The step's scalars and the element update are shared with the CUDA optimizer
+// (adamw_math.hpp); the names stay available here for the CPU code and its tests.
+using clip::AdamWScalars;
+using clip::adamw_element;
 
 inline void adamw_update(float* __restrict p, float* __restrict g, float* __restrict m, float* __restrict v,
                          int64_t n, const AdamWScalars& s) {
 #if defined(__AVX512F__)
   // Every element, the tail included (masked), takes the same instructions, so the rounding of
-  // an element never depends on where a chunk boundary falls.
+  // an element never depends on where a chunk boundary falls. They are adamw_element's
+  // operations (adamw_math.hpp), 16 lanes at a time: the same bits as the scalar path and the GPU.
   const __m512 decay = _mm512_set1_ps(s.decay), b1 = _mm512_set1_ps(s.beta1), omb1 = _mm512_set1_ps(s.one_minus_beta1);
   const __m512 b2 = _mm512_set1_ps(s.beta2), omb2 = _mm512_set1_ps(s.one_minus_beta2);
   const __m512 neg_step = _mm512_set1_ps(s.neg_step), bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
@@ -181,20 +156,9 @@ class AdamW {
   void step(Params& params, Params& grads, float lr, float grad_scale = 1.0f) {
     const std::vector<float*> p = pointers(params), g = pointers(grads), m = pointers(*m_), v = pointers(*v_);
     ++steps_;
-    const double lr_d = decimal_value(lr), wd = decimal_value(options_.weight_decay);
-    const double beta1 = decimal_value(options_.beta1), beta2 = decimal_value(options_.beta2);
-    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(steps_));
-    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(steps_));
-    detail::AdamWScalars with_decay{static_cast<float>(1.0 - lr_d * wd),
-                                    static_cast<float>(beta1),
-                                    static_cast<float>(1.0 - beta1),
-                                    static_cast<float>(beta2),
-                                    static_cast<float>(1.0 - beta2),
-                                    static_cast<float>(-(lr_d / bc1)),
-                                    static_cast<float>(std::sqrt(bc2)),
-                                    options_.eps,
-                                    grad_scale};
-    detail::AdamWScalars without_decay = with_decay;
+    const AdamWScalars with_decay = adamw_scalars(lr, options_.beta1, options_.beta2, options_.eps,
+                                                  options_.weight_decay, steps_, grad_scale);
+    AdamWScalars without_decay = with_decay;
     without_decay.decay = 1.0f;
 
     if (moments_touched_) find_quiet_blocks(m, v);
@@ -203,7 +167,7 @@ class AdamW {
     for (int64_t c = 0; c < count; ++c) {
       const Chunk& k = chunks_[c];
       const int i = k.tensor;
-      const detail::AdamWScalars& s = tensors_[i].decays ? with_decay : without_decay;
+      const AdamWScalars& s = tensors_[i].decays ? with_decay : without_decay;
       for (int64_t b = k.begin, block = k.first_block; b < k.end; b += kBlock, ++block) {
         const int64_t n = std::min(kBlock, k.end - b);
         if (quiet_[block]) {

@@ -27,6 +27,7 @@
 #include <numbers>
 #include <vector>
 
+#include "clip/config/device.hpp"
 #include "clip/config/dims.hpp"
 #include "clip/core/error.hpp"
 #include "clip/models/clip_model.hpp"
@@ -61,8 +62,13 @@ struct StepResult {
   float grad_norm;    // the global gradient norm, before clipping
 };
 
+// Trainer<Cfg> trains on the CPU; Trainer<Cfg, Device::cuda> (include/clip/cuda/trainer.hpp)
+// is the same training step on a GPU.
+template <Variant Cfg, Device D = Device::cpu>
+class Trainer;
+
 template <Variant Cfg>
-class Trainer {
+class Trainer<Cfg, Device::cpu> {
  public:
   using Net = Clip<Cfg>;
   using Params = typename Net::Params;

@@ -1,0 +1,61 @@
+// clip::Trainer<Cfg, Device::cuda>: the CPU Trainer's training step on a GPU (forward of both
+// towers, the contrastive loss, backward, gradient clipping, AdamW, the logit-scale clamp, the
+// same schedule). Declarations only (g++-compilable); members in kernels/models/cuda_trainer.cuh.
+//
+// The host Params given at construction is the key of every device tensor and the target of
+// download(): the step updates the device copy only. optimizer() is a HOST mirror of the AdamW
+// state (m, v, step count) that download() fills and upload() sends back (checkpoints).
+// Micro-batching (TrainOptions::micro_batch < batch) accumulates gradients as the CPU Trainer does.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "clip/config/device.hpp"
+#include "clip/models/clip_model.hpp"
+#include "clip/train/adamw.hpp"
+#include "clip/train/trainer.hpp"
+
+namespace clip {
+
+template <Variant Cfg>
+class Trainer<Cfg, Device::cuda> {
+ public:
+  using Net = Clip<Cfg>;
+  using Params = typename Net::Params;
+  static constexpr int R = Net::R;
+  static constexpr int T = Net::T;
+  static constexpr int E = Net::E;
+
+  // An estimate: the CPU Trainer's fp32 activation floats (the GPU keeps a similar set, bf16
+  // halves most of it) plus the weight, gradient and moment buffers are NOT included.
+  static constexpr int64_t activation_bytes(int64_t micro_batch, bool recompute = false) {
+    return Trainer<Cfg, Device::cpu>::activation_bytes(micro_batch, recompute);
+  }
+
+  Trainer(Params& host, TrainOptions options, cuda::Precision precision = cuda::Precision::bf16, int device = 0);
+  ~Trainer();
+  Trainer(Trainer&&) noexcept;
+
+  // One optimizer step on host images [B, 3, R, R] and token ids [B, T].
+  StepResult step(const float* images, const int32_t* tokens);
+
+  float learning_rate(int64_t step) const;
+  int64_t steps() const;
+  const TrainOptions& options() const;
+  Params& params();                 // the host Params (current after download())
+  AdamW<Params>& optimizer();       // host mirror (current after download())
+
+  // device -> host: weights, BatchNorm running statistics (num_batches_tracked is counted on the
+  // host already), AdamW m/v and step count, into the host Params and optimizer().
+  void download();
+  void download(Params& host);      // weights and running statistics only, into another Params
+  // host -> device: the reverse of download() (after loading a checkpoint into params()/optimizer()).
+  void upload();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace clip

@@ -1,0 +1,405 @@
+// One contrastive training step on the GPU: cuda::TrainNet<Cfg, S> on device batches (for
+// benchmarks and programs that keep batches on the device), and the definitions of
+// clip::Trainer<Cfg, Device::cuda> (include/clip/cuda/trainer.hpp) over it. Semantics are the CPU
+// Trainer's (include/clip/train/trainer.hpp): same loss, AdamW groups and arithmetic, schedule,
+// clipping, logit-scale clamp, gradient accumulation, and refusal of non-finite losses or
+// gradients before any update.
+//
+// Everything stays on the device. The loss is helper h5's GPU contrastive loss
+// (kernels/contrastive_loss.cuh: features S in, feature gradients S out, the double loss, and
+// logit_scale's gradient added to its slot on the device). The gradient norm, AdamW and the
+// clamp are h5's multi-tensor kernels (kernels/adamw.cuh, grad_norm.cuh) over one chunk table of
+// the trained tensors (buffers are not in it), built once from the weight layout; AdamW's element
+// update is the CPU's adamw_element (adamw_math.hpp).
+//
+// One synchronisation per step: after backward and the gradient norm, ONE copy of 24 bytes
+// brings the loss (double), the norm (double) and the logit_scale the loss used (float) to a
+// pinned host buffer. The host refuses a non-finite loss or norm there (the gradients are zeroed,
+// no weight has moved), computes the clip factor and enqueues AdamW and the clamp; step() returns
+// without waiting for them (the next step, download() and the read-back are ordered after them
+// on the same stream). A zero or non-finite feature norm makes the GPU loss NaN (the CPU names the
+// row instead): refused the same way. The one exception is a ResNet under accumulation: its loss is
+// read before the second pass (a second synchronisation), because the CPU leaves BatchNorm's
+// running statistics alone when the loss of an accumulated batch fails, and the second pass
+// updates them.
+//
+// Gradient accumulation (micro_batch < batch), as the CPU Trainer: (1) every micro-batch's
+// features, activations overwritten, running statistics left alone; (2) the loss and the feature
+// gradients of the whole batch; (3) per micro-batch, forward again (running statistics updated)
+// and backward with its rows of the feature gradients. Activations are planned for one micro-batch.
+// Nothing is allocated inside a step (cuBLASLt plans are cached per shape on first use).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "clip/config/dims.hpp"
+#include "clip/cuda/trainer.hpp"
+#include "clip/ops/embedding.hpp"
+#include "clip/train/adamw.hpp"
+#include "clip/train/adamw_math.hpp"
+#include "clip/train/decimal.hpp"
+#include "clip/train/grad_clip.hpp"
+#include "clip/train/schedule.hpp"
+#include "clip/train/trainer.hpp"
+#include "kernels/adamw.cuh"
+#include "kernels/check.cuh"
+#include "kernels/context.cuh"
+#include "kernels/contrastive_loss.cuh"
+#include "kernels/device_buffer.cuh"
+#include "kernels/grad_norm.cuh"
+#include "kernels/models/cuda_model.cuh"
+#include "kernels/storage.cuh"
+
+namespace clip::cuda {
+
+namespace trainer_detail {
+
+// What one step reads back, in one copy: device slots filled by the step's kernels, mirrored by
+// a pinned host buffer of the same layout (pinned: the copy is a real async DMA).
+struct StepReadback {
+  double loss;         // the contrastive loss (contrastive_loss's loss_exact)
+  double norm;         // the global gradient norm (gradient_norm)
+  float logit_scale;   // the master logit_scale the loss used (before AdamW moves it)
+};
+static_assert(sizeof(StepReadback) == 3 * sizeof(double), "the read-back is three 8-byte slots");
+
+class PinnedReadback {
+ public:
+  PinnedReadback() { CLIP_CUDA_CHECK(cudaMallocHost(&p_, sizeof(StepReadback))); }
+  ~PinnedReadback() {
+    if (p_) cudaFreeHost(p_);
+  }
+  PinnedReadback(const PinnedReadback&) = delete;
+  PinnedReadback& operator=(const PinnedReadback&) = delete;
+  StepReadback* get() { return p_; }
+
+ private:
+  StepReadback* p_ = nullptr;
+};
+
+}  // namespace trainer_detail
+
+template <Variant Cfg, class S>
+class TrainNet {
+ public:
+  using Params = typename Clip<Cfg>::Params;
+  static constexpr int R = Clip<Cfg>::R, T = Clip<Cfg>::T, E = Clip<Cfg>::E;
+  static constexpr int64_t image_floats = int64_t{3} * R * R;
+  // BatchNorm running statistics live in the image tower of the ResNets only.
+  static constexpr bool has_running_stats = dims<Cfg>::is_resnet;
+
+  // Activations are planned for one micro-batch (options.micro_batch, 0: the whole batch).
+  TrainNet(Context& ctx, Params& host, TrainOptions options)
+      : ctx_(ctx), options_(checked(options)),
+        net_(ctx, host, host, options_.micro_batch, /*training=*/true, options_.recompute),
+        m_(net_.weights().size()), v_(net_.weights().size()),
+        features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
+        loss_arena_(ContrastiveLossScratch<E>::bytes(options_.batch)), loss_scratch_(loss_arena_, options_.batch),
+        readback_(sizeof(trainer_detail::StepReadback) / sizeof(double)) {
+    m_.zero(ctx.stream());
+    v_.zero(ctx.stream());
+    readback_.zero(ctx.stream());
+    // The chunk table: trained tensors only (buffers are not trained), in visit order.
+    std::vector<clip::TensorSlice> trained;
+    for (const WeightEntry& e : net_.weights().layout().entries())
+      if (e.role == Role::parameter) trained.push_back({e.offset, e.numel, clip::adamw_decays(e.name, e.rank)});
+    table_ = MultiTensorTable(ctx, trained, net_.weights().size());
+    ctx.synchronize();
+  }
+
+  // One optimizer step on a device batch: images [B, 3, R, R] fp32, ids [B, T], pool positions [B]
+  // and positions = max(pool) + 1 (TextBatch::from_host). Under accumulation each micro-batch's
+  // text runs max(its pool) + 1 positions when host_pool (the same [B] positions on the host) is
+  // given, otherwise the whole batch's `positions` (same values, more work).
+  StepResult step(const float* d_images, const int32_t* d_tokens, const int32_t* d_pool, int64_t positions,
+                  const int32_t* host_pool = nullptr) {
+    const int64_t B = options_.batch, M = options_.micro_batch;
+    auto& W = net_.weights();
+    Params& p = net_.keys();
+    S* img = features_.data();
+    S* txt = features_.data() + B * E;
+    S* d_img = d_features_.data();
+    S* d_txt = d_features_.data() + B * E;
+
+    // The temperature of this step's loss, before AdamW moves it: into its read-back slot.
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(&slots()->logit_scale, W.master(p.logit_scale), sizeof(float),
+                                    cudaMemcpyDeviceToDevice, ctx_.stream()));
+    if (M == B) {
+      net_.image_forward_train(d_images, img, B, /*update_running_stats=*/true);
+      net_.text_forward_train(d_tokens, d_pool, positions, txt, B);
+      loss(B);
+      net_.image_backward(d_img, B);
+      net_.text_backward(d_txt, B);
+    } else {
+      for (int64_t b = 0; b < B; b += M) {  // 1. features only
+        const int64_t n = std::min(M, B - b);
+        net_.image_forward_train(d_images + b * image_floats, img + b * E, n, /*update_running_stats=*/false);
+        net_.text_forward_train(d_tokens + b * T, d_pool + b, micro_positions(host_pool, b, n, positions),
+                                txt + b * E, n);
+      }
+      loss(B);  // 2. the whole batch
+      if constexpr (has_running_stats) {
+        // The CPU refuses a failed loss before pass 3 touches the running statistics.
+        read_back();
+        check_loss();
+      }
+      for (int64_t b = 0; b < B; b += M) {  // 3. recompute and backward, micro-batch by micro-batch
+        // The recomputed features overwrite the first pass's (equal; the loss has read them).
+        const int64_t n = std::min(M, B - b);
+        net_.image_forward_train(d_images + b * image_floats, img + b * E, n, /*update_running_stats=*/true);
+        net_.image_backward(d_img + b * E, n);
+        net_.text_forward_train(d_tokens + b * T, d_pool + b, micro_positions(host_pool, b, n, positions),
+                                txt + b * E, n);
+        net_.text_backward(d_txt + b * E, n);
+      }
+    }
+
+    // The global norm of the trained tensors' gradients (logit_scale's included), then the one
+    // read-back of the step.
+    gradient_norm(ctx_, table_, W.grad_data(), &slots()->norm);
+    read_back();
+    check_loss();
+    const trainer_detail::StepReadback r = *host_;
+    if (!std::isfinite(r.norm)) {
+      zero_gradients();
+      CLIP_FAIL("training step ", steps_, ": the gradient norm is ", r.norm,
+                " (NaN or Inf gradients); the weights were not updated. Lower the learning rate or enable "
+                "gradient clipping.");
+    }
+    const float lr = learning_rate(steps_);
+    adamw(lr, clip::clip_factor(r.norm, options_.grad_clip_norm));
+    clamp_logit_scale<S>(ctx_, W.master(p.logit_scale), DeviceWeights<S>::separate_copy ? W.w(p.logit_scale) : nullptr);
+    return {r.loss, lr, std::exp(r.logit_scale), static_cast<float>(r.norm)};
+  }
+
+  float learning_rate(int64_t step) const {
+    if (options_.total_steps > 0) return clip::cosine_lr(step, options_.adam.lr, options_.warmup_steps, options_.total_steps);
+    return clip::const_lr(step, options_.adam.lr, options_.warmup_steps);
+  }
+  int64_t steps() const { return steps_; }
+  void set_steps(int64_t s) { steps_ = s; }
+  const TrainOptions& options() const { return options_; }
+  ClipNet<Cfg, S>& net() { return net_; }
+  float* m_data() { return m_.data(); }
+  float* v_data() { return v_.data(); }
+
+ private:
+  Context& ctx_;
+  TrainOptions options_;
+  ClipNet<Cfg, S> net_;
+  DeviceBuffer<float> m_, v_;
+  MultiTensorTable table_;
+  DeviceBuffer<S> features_;           // [2, B, E] image then text
+  DeviceBuffer<S> d_features_;         // [2, B, E] their gradients
+  Arena loss_arena_;                   // the contrastive loss's scratch, planned for B pairs
+  ContrastiveLossScratch<E> loss_scratch_;
+  DeviceBuffer<double> readback_;      // device StepReadback (3 slots)
+  trainer_detail::PinnedReadback pinned_;
+  trainer_detail::StepReadback* host_ = pinned_.get();
+  int64_t steps_ = 0;
+
+  trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
+
+  static TrainOptions checked(TrainOptions o) {
+    CLIP_CHECK(o.batch > 0, "a training batch needs at least one pair, got ", o.batch);
+    if (o.micro_batch == 0) o.micro_batch = o.batch;
+    CLIP_CHECK(o.micro_batch > 0 && o.micro_batch <= o.batch, "the micro-batch (", o.micro_batch,
+               ") must be between 1 and the batch (", o.batch, ")");
+    CLIP_CHECK(o.adam.lr >= 0, "the learning rate cannot be negative, got ", o.adam.lr);
+    CLIP_CHECK(o.adam.beta1 >= 0 && o.adam.beta1 < 1 && o.adam.beta2 >= 0 && o.adam.beta2 < 1,
+               "AdamW needs betas in [0, 1), got beta1 ", o.adam.beta1, " and beta2 ", o.adam.beta2);
+    CLIP_CHECK(o.adam.eps > 0, "AdamW needs a positive eps, got ", o.adam.eps);
+    CLIP_CHECK(o.adam.weight_decay >= 0, "AdamW needs a non-negative weight decay, got ", o.adam.weight_decay);
+    CLIP_CHECK(o.warmup_steps >= 0 && o.total_steps >= 0, "warmup and total steps cannot be negative");
+    CLIP_CHECK(o.total_steps == 0 || o.total_steps > o.warmup_steps, "the cosine schedule needs more total steps (",
+               o.total_steps, ") than warmup steps (", o.warmup_steps, ")");
+    CLIP_CHECK(o.grad_clip_norm >= 0, "the gradient clipping norm cannot be negative, got ", o.grad_clip_norm);
+    return o;
+  }
+
+  // The whole batch's loss (into the read-back slot) and feature gradients; logit_scale's
+  // gradient is added to its slot (gradients are zero between steps). Nothing is checked here.
+  void loss(int64_t B) {
+    auto& W = net_.weights();
+    Params& p = net_.keys();
+    contrastive_loss<E, S>(ctx_, loss_scratch_, features_.data(), features_.data() + B * E, B, W.master(p.logit_scale),
+                           d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr, W.g(p.logit_scale),
+                           &slots()->loss);
+  }
+
+  // The micro-batch [b, b + n)'s text positions: max(pool) + 1 over its rows when the host pool
+  // is known, else the whole batch's.
+  static int64_t micro_positions(const int32_t* host_pool, int64_t b, int64_t n, int64_t whole) {
+    if (!host_pool) return whole;
+    int64_t most = 1;
+    for (int64_t i = b; i < b + n; ++i) most = std::max<int64_t>(most, int64_t{host_pool[i]} + 1);
+    return std::min(most, whole);
+  }
+
+  // The step's one device -> host copy, and the wait for it.
+  void read_back() {
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(host_, readback_.data(), sizeof(trainer_detail::StepReadback),
+                                    cudaMemcpyDeviceToHost, ctx_.stream()));
+    ctx_.synchronize();
+  }
+
+  // After read_back(): refuses a non-finite loss as the CPU Trainer does. Backward may already
+  // have run on its NaN feature gradients: every gradient is zeroed first, so that the next step
+  // starts from zero as it would on the CPU.
+  void check_loss() {
+    const double value = host_->loss;
+    if (std::isfinite(value)) return;
+    zero_gradients();
+    CLIP_FAIL("training step ", steps_, ": the loss is ", value,
+              " (a zero or non-finite feature norm gives NaN); the weights were not updated. Lower the learning "
+              "rate or enable gradient clipping.");
+  }
+
+  void zero_gradients() {
+    auto& W = net_.weights();
+    CLIP_CUDA_CHECK(cudaMemsetAsync(W.grad_data(), 0, sizeof(float) * W.size(), ctx_.stream()));
+    ctx_.synchronize();
+  }
+
+  // The CPU AdamW::step's scalars (adamw_scalars), then one kernel over the chunk table; the
+  // compute copy is written only where it is a separate (bf16) buffer.
+  void adamw(float lr, float grad_scale) {
+    ++steps_;
+    const AdamWOptions& o = options_.adam;
+    const clip::AdamWScalars s = clip::adamw_scalars(lr, o.beta1, o.beta2, o.eps, o.weight_decay, steps_, grad_scale);
+    auto& W = net_.weights();
+    adamw_step<S>(ctx_, table_, W.master_data(), W.grad_data(), m_.data(), v_.data(),
+                  DeviceWeights<S>::separate_copy ? W.compute_data() : nullptr, s);
+  }
+};
+
+}  // namespace clip::cuda
+
+namespace clip {
+
+template <Variant Cfg>
+struct Trainer<Cfg, Device::cuda>::Impl {
+  Params& host;
+  cuda::Precision precision;
+  cuda::Context ctx;
+  std::unique_ptr<cuda::TrainNet<Cfg, float>> net32;
+  std::unique_ptr<cuda::TrainNet<Cfg, cuda::bf16>> net16;
+  AdamW<Params> mirror;
+  cuda::DeviceBuffer<float> images;
+  cuda::DeviceBuffer<int32_t> ids, pool;
+  std::vector<int32_t> host_pool;  // [B] pool positions of the current batch (its upload's source)
+
+  Impl(Params& h, TrainOptions options, cuda::Precision p, int device)
+      : host(h), precision(p), ctx(device), mirror(h, options.adam), images(options.batch * 3 * R * R),
+        ids(options.batch * T), pool(options.batch), host_pool(static_cast<size_t>(std::max<int64_t>(options.batch, 0))) {
+    if (p == cuda::Precision::fp32) net32 = std::make_unique<cuda::TrainNet<Cfg, float>>(ctx, h, options);
+    else net16 = std::make_unique<cuda::TrainNet<Cfg, cuda::bf16>>(ctx, h, options);
+  }
+
+  template <class F>
+  decltype(auto) with(F&& f) {
+    if (net32) return f(*net32);
+    return f(*net16);
+  }
+};
+
+template <Variant Cfg>
+Trainer<Cfg, Device::cuda>::Trainer(Params& host, TrainOptions options, cuda::Precision precision, int device)
+    : impl_(std::make_unique<Impl>(host, options, precision, device)) {}
+template <Variant Cfg>
+Trainer<Cfg, Device::cuda>::~Trainer() = default;
+template <Variant Cfg>
+Trainer<Cfg, Device::cuda>::Trainer(Trainer&&) noexcept = default;
+
+template <Variant Cfg>
+StepResult Trainer<Cfg, Device::cuda>::step(const float* images, const int32_t* tokens) {
+  Impl& I = *impl_;
+  const int64_t B = options().batch;
+  // TextBatch::from_host's work into the Impl's own vector (no allocation in a step). The previous
+  // step's upload from it is done: every step waits for its read-back, which follows the upload.
+  check_token_ids(tokens, B * T, Cfg::vocab_size);
+  int64_t positions = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    I.host_pool[b] = static_cast<int32_t>(pool_position(tokens + b * T, T));
+    positions = std::max<int64_t>(positions, I.host_pool[b] + 1);
+  }
+  I.images.upload(images, B * 3 * R * R, I.ctx.stream());
+  I.ids.upload(tokens, B * T, I.ctx.stream());
+  I.pool.upload(I.host_pool.data(), B, I.ctx.stream());
+  return I.with([&](auto& net) {
+    return net.step(I.images.data(), I.ids.data(), I.pool.data(), positions, I.host_pool.data());
+  });
+}
+
+template <Variant Cfg>
+float Trainer<Cfg, Device::cuda>::learning_rate(int64_t step) const {
+  return impl_->with([&](auto& net) { return net.learning_rate(step); });
+}
+template <Variant Cfg>
+int64_t Trainer<Cfg, Device::cuda>::steps() const {
+  return impl_->with([](auto& net) { return net.steps(); });
+}
+template <Variant Cfg>
+const TrainOptions& Trainer<Cfg, Device::cuda>::options() const {
+  return impl_->with([](auto& net) -> const TrainOptions& { return net.options(); });
+}
+template <Variant Cfg>
+typename Trainer<Cfg, Device::cuda>::Params& Trainer<Cfg, Device::cuda>::params() {
+  return impl_->host;
+}
+template <Variant Cfg>
+AdamW<typename Trainer<Cfg, Device::cuda>::Params>& Trainer<Cfg, Device::cuda>::optimizer() {
+  return impl_->mirror;
+}
+
+template <Variant Cfg>
+void Trainer<Cfg, Device::cuda>::download(Params& target) {
+  Impl& I = *impl_;
+  I.with([&](auto& net) { net.net().weights().download(I.ctx, target); });
+}
+
+template <Variant Cfg>
+void Trainer<Cfg, Device::cuda>::download() {
+  Impl& I = *impl_;
+  I.with([&](auto& net) {
+    auto& W = net.net().weights();
+    W.download(I.ctx, I.host);
+    std::vector<float> flat(static_cast<size_t>(W.size()));
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.m_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
+                                    I.ctx.stream()));
+    I.ctx.synchronize();
+    W.layout().unpack(flat.data(), I.mirror.m());
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.v_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
+                                    I.ctx.stream()));
+    I.ctx.synchronize();
+    W.layout().unpack(flat.data(), I.mirror.v());
+    I.mirror.set_steps(net.steps());
+  });
+}
+
+template <Variant Cfg>
+void Trainer<Cfg, Device::cuda>::upload() {
+  Impl& I = *impl_;
+  I.with([&](auto& net) {
+    auto& W = net.net().weights();
+    W.upload(I.ctx, I.host);
+    std::vector<float> flat(static_cast<size_t>(W.size()));
+    W.layout().pack(std::as_const(I.mirror).m(), flat.data());
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.m_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
+                                    I.ctx.stream()));
+    I.ctx.synchronize();
+    W.layout().pack(std::as_const(I.mirror).v(), flat.data());
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.v_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
+                                    I.ctx.stream()));
+    I.ctx.synchronize();
+    net.set_steps(I.mirror.steps());
+  });
+}
+
+}  // namespace clip
