@@ -287,15 +287,7 @@ Tensor Model<Cfg, Device::cuda>::encode_text(std::span<const int64_t> tokens) co
 }
 template <Variant Cfg>
 Tensor Model<Cfg, Device::cuda>::encode_text(const Tensor& tokens) const {
-  CLIP_CHECK(tokens.shape.size() == 2 && tokens.shape[1] == context_length, Cfg::name,
-             " encodes token ids of shape [B, ", context_length, "], not ", shape_string(tokens.shape));
-  std::vector<int32_t> ids(tokens.values.size());
-  for (size_t i = 0; i < ids.size(); ++i) {
-    const float v = tokens.values[i];
-    CLIP_CHECK(v >= 0 && v < float(Cfg::vocab_size) && v == std::floor(v), "token id ", v, " at position ", i,
-               " is not an id of the ", Cfg::vocab_size, "-token vocabulary");
-    ids[i] = static_cast<int32_t>(v);
-  }
+  const std::vector<int32_t> ids = token_ids_of<Cfg>(tokens);
   return impl_->encode_text(std::span<const int32_t>(ids));
 }
 

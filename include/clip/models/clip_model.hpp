@@ -131,6 +131,22 @@ struct Logits {
   Tensor per_text;   // [B_txt, B_img]
 };
 
+// Token ids held in a float tensor [B, context_length] (as SafeTensors::tensor reads I64 files),
+// checked to be whole ids of the variant's vocabulary.
+template <Variant Cfg>
+std::vector<int32_t> token_ids_of(const Tensor& tokens) {
+  CLIP_CHECK(tokens.shape.size() == 2 && tokens.shape[1] == Cfg::context_length, Cfg::name,
+             " encodes token ids of shape [B, ", Cfg::context_length, "], not ", shape_string(tokens.shape));
+  std::vector<int32_t> ids(tokens.values.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const float v = tokens.values[i];
+    CLIP_CHECK(v >= 0 && v < float(Cfg::vocab_size) && v == std::floor(v), "token id ", v, " at position ", i,
+               " is not an id of the ", Cfg::vocab_size, "-token vocabulary");
+    ids[i] = static_cast<int32_t>(v);
+  }
+  return ids;
+}
+
 // The object API: weights on the heap, tensors in and out. Model<Cfg> runs on the CPU;
 // Model<Cfg, Device::cuda> (include/clip/cuda/model.hpp) is the same model on a GPU.
 template <Variant Cfg, Device D = Device::cpu>
@@ -189,15 +205,7 @@ class Model<Cfg, Device::cpu> {
   }
   // Token ids held in a float tensor [B, context_length] (as SafeTensors::tensor reads I64 files).
   Tensor encode_text(const Tensor& tokens, Trace* trace = nullptr) const {
-    CLIP_CHECK(tokens.shape.size() == 2 && tokens.shape[1] == context_length, Cfg::name,
-               " encodes token ids of shape [B, ", context_length, "], not ", shape_string(tokens.shape));
-    std::vector<int32_t> ids(tokens.values.size());
-    for (size_t i = 0; i < ids.size(); ++i) {
-      const float v = tokens.values[i];
-      CLIP_CHECK(v >= 0 && v < float(Cfg::vocab_size) && v == std::floor(v), "token id ", v, " at position ", i,
-                 " is not an id of the ", Cfg::vocab_size, "-token vocabulary");
-      ids[i] = static_cast<int32_t>(v);
-    }
+    const std::vector<int32_t> ids = token_ids_of<Cfg>(tokens);
     return encode_text(std::span<const int32_t>(ids), trace);
   }
 
