@@ -39,7 +39,6 @@
 #include "clip/eval/zero_shot.hpp"
 #include "clip/image/decode.hpp"
 #include "clip/image/preprocess.hpp"
-#include "clip/ops/gemm.hpp"
 #include "clip/models/clip_model.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 
@@ -557,10 +556,9 @@ void retrieval(Context& ctx) {
   clip::Tensor texts = ctx.encoder->texts(captions);
   clip::l2_normalize_rows(images.features);
   clip::l2_normalize_rows(texts);
-  const int64_t T = texts.shape[0], I = images.rows(), E = texts.shape[1];
-  std::vector<float> scores(T * I);
-  clip::gemm_nt(T, I, E, texts.data(), E, images.features.data(), E, scores.data(), I, false);  // [T, I]
-  const std::vector<clip::RetrievalRecall> recall = clip::retrieval_recall(scores, T, I, caption_image, ctx.args.recall_k);
+  const std::vector<float> scores = clip::retrieval_scores(texts, images.features);  // [T, I]
+  const std::vector<clip::RetrievalRecall> recall =
+      clip::retrieval_recall(scores, texts.shape[0], images.rows(), caption_image, ctx.args.recall_k);
   clip::BenchmarkResult r = ctx.result("zeroshot_retrieval");
   for (const clip::RetrievalRecall& x : recall) {
     r.set("image_retrieval_recall@" + std::to_string(x.k), x.image_retrieval);

@@ -23,6 +23,7 @@
 #include "clip/models/clip_model.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 #include "golden.hpp"
+#include "encode_in_process.hpp"
 #include "golden_variants.hpp"
 #include "program_runner.hpp"
 
@@ -52,15 +53,7 @@ struct Tiny {
   }
 };
 
-clip::Tensor encode_images(const clip::Model<Cfg>& model, const std::vector<std::string>& paths) {
-  constexpr int R = Cfg::image_resolution;
-  clip::Tensor images({static_cast<int64_t>(paths.size()), 3, R, R});
-  for (size_t i = 0; i < paths.size(); ++i) {
-    const std::vector<float> pixels = clip::image::clip_preprocess(clip::image::decode_file(paths[i]), R);
-    std::copy(pixels.begin(), pixels.end(), images.data() + i * pixels.size());
-  }
-  return model.encode_image(images);
-}
+using clip::test::encode_in_process;
 
 clip::text::BpeTokenizer tokenizer() {
   return clip::text::BpeTokenizer(clip::test::data_dir() / "bpe_simple_vocab_16e6.txt.gz");
@@ -110,7 +103,7 @@ BOOST_AUTO_TEST_CASE(zeroshot_matches_in_process_and_uses_the_cache) {
   }
   const auto classifier = clip::ZeroShotClassifier::build(tiny.model, tokenizer(), kClasses,
                                                           std::vector<std::string>{"a photo of {}.", "{} in a picture"});
-  const clip::Tensor logits = classifier.logits(encode_images(tiny.model, paths));
+  const clip::Tensor logits = classifier.logits(encode_in_process(tiny.model, paths));
   const clip::ClassificationMetrics want =
       clip::classification_metrics(std::span<const float>(logits.values), std::span<const int64_t>(labels), 2);
 
@@ -168,7 +161,7 @@ BOOST_AUTO_TEST_CASE(retrieval_matches_in_process) {
     captions.push_back(c);
     index.push_back(it - images.begin());
   }
-  clip::Tensor image_features = encode_images(tiny.model, images);
+  clip::Tensor image_features = encode_in_process(tiny.model, images);
   std::vector<int> ids;
   const auto tok = tokenizer();
   for (const std::string& c : captions) {
@@ -178,14 +171,8 @@ BOOST_AUTO_TEST_CASE(retrieval_matches_in_process) {
   clip::Tensor text_features = tiny.model.encode_text(ids);
   clip::l2_normalize_rows(image_features);
   clip::l2_normalize_rows(text_features);
-  const int64_t T = text_features.shape[0], I = image_features.shape[0], E = text_features.shape[1];
-  std::vector<float> scores(T * I);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) {
-      double s = 0;
-      for (int64_t e = 0; e < E; ++e) s += double(text_features.values[t * E + e]) * image_features.values[i * E + e];
-      scores[t * I + i] = static_cast<float>(s);
-    }
+  const int64_t T = text_features.shape[0], I = image_features.shape[0];
+  const std::vector<float> scores = clip::retrieval_scores(text_features, image_features);
   const std::vector<int64_t> ks{1, 2, 5};
   const std::vector<clip::RetrievalRecall> want = clip::retrieval_recall(scores, T, I, index, ks);
   const clip::BenchmarkResult got =

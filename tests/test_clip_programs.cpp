@@ -31,6 +31,7 @@
 #include "clip/models/clip_model.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 #include "golden.hpp"
+#include "encode_in_process.hpp"
 #include "golden_variants.hpp"
 #include "program_runner.hpp"
 
@@ -94,17 +95,7 @@ struct Golden {
 
 std::string image(const std::string& name) { return (clip::test::golden_dir() / "images" / name).string(); }
 
-// The in-process reference: the images decoded, preprocessed and encoded by the library.
-template <class Cfg>
-clip::Tensor encode_in_process(const clip::Model<Cfg>& model, const std::vector<std::string>& paths) {
-  constexpr int R = Cfg::image_resolution;
-  clip::Tensor images({static_cast<int64_t>(paths.size()), 3, R, R});
-  for (size_t i = 0; i < paths.size(); ++i) {
-    const std::vector<float> pixels = clip::image::clip_preprocess(clip::image::decode_file(paths[i]), R);
-    std::copy(pixels.begin(), pixels.end(), images.data() + i * pixels.size());
-  }
-  return model.encode_image(images);
-}
+using clip::test::encode_in_process;
 
 template <class Cfg>
 void check_embed_end_to_end() {

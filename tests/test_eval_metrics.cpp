@@ -32,14 +32,8 @@ BOOST_AUTO_TEST_CASE(retrieval_recall_matches_clip_benchmark) {
   const clip::json::Value want = clip::json::parse(f.metadata().at("metrics"));
   const clip::Tensor images = f.tensor("retrieval.image_features"), texts = f.tensor("retrieval.text_features");
   const std::vector<int64_t> index = f.integers("retrieval.text_image_index");
-  const int64_t I = images.shape[0], T = texts.shape[0], E = images.shape[1];
-  std::vector<float> scores(T * I);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) {
-      double s = 0;
-      for (int64_t e = 0; e < E; ++e) s += double(texts.values[t * E + e]) * images.values[i * E + e];
-      scores[t * I + i] = static_cast<float>(s);
-    }
+  const int64_t I = images.shape[0], T = texts.shape[0];
+  const std::vector<float> scores = clip::retrieval_scores(texts, images);
   const std::vector<int64_t> ks{1, 5, 10};
   const std::vector<clip::RetrievalRecall> r = clip::retrieval_recall(scores, T, I, index, ks);
   BOOST_REQUIRE_EQUAL(r.size(), 3u);

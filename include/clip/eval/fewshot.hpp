@@ -156,14 +156,16 @@ inline std::string fewshot_svg(const std::string& title, const std::vector<FewSh
     x_hi = any ? std::max(x_hi, x) : x;
     any = true;
   }
-  ChartPanel panel{"Few-shot linear probe", "log2(labeled examples per class): 0 = 1, 4 = 16", "top-1 accuracy (%)",
-                   {}};
+  ChartPanel panel;
+  panel.title = "Few-shot linear probe";
+  panel.x_label = "log2(labeled examples per class): 0 = 1, 4 = 16";
+  panel.y_label = "top-1 accuracy (%)";
   panel.legend_bottom = true;
   panel.empty_note = "no k had enough examples in every class";
   if (zero_shot_acc1 && any)
     panel.series.push_back({"zero-shot", "#d62728", {{x_lo, 100 * *zero_shot_acc1}, {x_hi, 100 * *zero_shot_acc1}},
                             false, 2.0});
-  if (mean.points.size() > 0 && points.size() > 0) {
+  if (!mean.points.empty()) {
     panel.series.push_back(low);
     panel.series.push_back(high);
   }

@@ -181,17 +181,19 @@ LbfgsResult minimize_lbfgs(Objective&& f, std::span<double> x, const LbfgsOption
         best_x = trial, best_g = trial_g;
       }
     };
+    // Evaluates the step a; true when it satisfies the (approximate) strong Wolfe conditions.
+    auto wolfe_step = [&](double a, double& f_a, double& s_a) {
+      f_a = phi(a, s_a);
+      remember(a, f_a);
+      if (decrease(a, f_a, s_a) && curvature(s_a)) found = true, f_accept = f_a;
+      return found;
+    };
     double lo = 0, f_lo = f0, s_lo = slope0, hi = 0, f_hi = 0, s_hi = 0;
     bool bracketed = false;
     double a = step, prev = 0, f_prev = f0, s_prev = slope0;
     while (evaluations < options.max_line_search) {
-      double s_a;
-      const double f_a = phi(a, s_a);
-      remember(a, f_a);
-      if (decrease(a, f_a, s_a) && curvature(s_a)) {
-        found = true, f_accept = f_a;
-        break;
-      }
+      double f_a, s_a;
+      if (wolfe_step(a, f_a, s_a)) break;
       if (!decrease(a, f_a, s_a) || (prev > 0 && f_a >= f_prev)) {
         lo = prev, f_lo = f_prev, s_lo = s_prev, hi = a, f_hi = f_a, s_hi = s_a;
         bracketed = true;
@@ -208,13 +210,8 @@ LbfgsResult minimize_lbfgs(Objective&& f, std::span<double> x, const LbfgsOption
     while (bracketed && !found && evaluations < options.max_line_search) {
       if (std::abs(hi - lo) <= 1e-16 * std::max(std::abs(lo), std::abs(hi))) break;
       a = std::isfinite(f_hi) ? detail::cubic_step(lo, f_lo, s_lo, hi, f_hi, s_hi) : 0.5 * (lo + hi);
-      double s_a;
-      const double f_a = phi(a, s_a);
-      remember(a, f_a);
-      if (decrease(a, f_a, s_a) && curvature(s_a)) {
-        found = true, f_accept = f_a;
-        break;
-      }
+      double f_a, s_a;
+      if (wolfe_step(a, f_a, s_a)) break;
       if (!decrease(a, f_a, s_a) || f_a >= f_lo) {
         hi = a, f_hi = f_a, s_hi = s_a;
       } else {

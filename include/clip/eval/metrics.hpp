@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/ops/gemm.hpp"
+#include "clip/tensor/tensor.hpp"
 
 namespace clip {
 
@@ -69,6 +71,18 @@ struct RetrievalRecall {
   double image_retrieval = 0;  // image_retrieval_recall@k
   double text_retrieval = 0;   // text_retrieval_recall@k
 };
+
+// scores [T, I] = text [T, E] . image [I, E]^T (L2-normalised features: cosine similarities),
+// one float32 GEMM.
+inline std::vector<float> retrieval_scores(const Tensor& texts, const Tensor& images) {
+  CLIP_CHECK(texts.shape.size() == 2 && images.shape.size() == 2 && texts.shape[1] == images.shape[1],
+             "retrieval needs text [T, E] and image [I, E] features, not ", shape_string(texts.shape), " and ",
+             shape_string(images.shape));
+  const int64_t T = texts.shape[0], I = images.shape[0], E = texts.shape[1];
+  std::vector<float> scores(T * I);
+  gemm_nt(T, I, E, texts.data(), E, images.data(), E, scores.data(), I, false);
+  return scores;
+}
 
 // scores [T, I] = text . image (T captions, I images); caption_image [T] the image of each
 // caption. Every image needs at least one caption.
