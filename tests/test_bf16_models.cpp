@@ -17,14 +17,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "clip/clip.hpp"
 #include "clip/io/safetensors.hpp"
 #include "clip/ops/cpu_features.hpp"
+#include "clip/train/checkpoint.hpp"
 #include "clip/train/contrastive_loss.hpp"
+#include "clip/train/trainer.hpp"
 #include "golden.hpp"
 #include "golden_variants.hpp"
 #include "numeric.hpp"
@@ -188,9 +193,74 @@ void check_training_step(const char* weights_file, const char* grad_file) {
                                << worst / u << " u; its sensitivity to rounded inputs " << worst_s << ")");
 }
 
+// A bf16 Trainer step: the loss of the golden batch within the loss bound, fp32 checkpoints, and
+// an exact resume: two steps in one run equal one step, a checkpoint, a fresh trainer loaded from
+// it, and one more step, bit for bit.
+void check_trainer_resumes_exactly() {
+  auto weights_path = clip::test::golden_file("vit_tiny.safetensors");
+  auto grad_path = clip::test::golden_file("vit_tiny_grad.safetensors");
+  if (!weights_path || !grad_path) return;
+  using Params = clip::Clip<ViTTiny>::Params;
+  const clip::SafeTensors golden = clip::SafeTensors::open(*grad_path);
+  const clip::Tensor images = golden.tensor("input.image");
+  const std::vector<int64_t> ids = golden.integers("input.text");
+  const std::vector<int32_t> tokens(ids.begin(), ids.end());
+  clip::TrainOptions options;
+  options.batch = images.shape[0];
+  options.adam = {1e-3f, 0.9f, 0.98f, 1e-6f, 0.2f};
+  auto fresh = [&] {
+    auto p = std::make_unique<Params>();
+    clip::load_state_dict(*p, clip::SafeTensors::open(*weights_path), clip::Extra::allow);
+    return p;
+  };
+
+  auto straight = fresh();
+  clip::Trainer<ViTTiny> a(*straight, options, clip::Precision::bf16);
+  BOOST_TEST((a.precision() == clip::Precision::bf16));
+  const double first_loss = a.step(images.data(), tokens.data()).loss;
+  const double ref_loss = golden.tensor("output.loss").values[0];
+  BOOST_TEST_MESSAGE("bf16 Trainer: loss " << first_loss << ", reference " << ref_loss);
+  BOOST_TEST(std::abs(first_loss - ref_loss) <= loss_relative * std::abs(ref_loss));
+  a.step(images.data(), tokens.data());
+
+  const std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("clip_bf16_resume_" + std::to_string(::getpid()) + ".safetensors");
+  {
+    auto first = fresh();
+    clip::Trainer<ViTTiny> b(*first, options, clip::Precision::bf16);
+    b.step(images.data(), tokens.data());
+    clip::CheckpointInfo info;
+    info.variant = ViTTiny::name;
+    info.step = 1;
+    clip::save_checkpoint(path, *first, b.optimizer(), info);
+  }
+  const clip::SafeTensors file = clip::SafeTensors::open(path);
+  for (const auto& e : file.entries()) BOOST_TEST((e.dtype == clip::DType::F32), e.name << " is not stored in fp32");
+  auto resumed = std::make_unique<Params>();
+  clip::Trainer<ViTTiny> c(*resumed, options, clip::Precision::bf16);
+  clip::load_checkpoint(path, *resumed, c.optimizer(), ViTTiny::name);
+  std::filesystem::remove(path);
+  c.step(images.data(), tokens.data());
+  int64_t differing = 0;
+  clip::for_each_tensor(*straight, [&](const std::string& name, const auto& t, clip::Role) {
+    if constexpr (!clip::is_counter_v<decltype(t)>) {
+      const float* other = nullptr;
+      clip::for_each_tensor(*resumed, [&](const std::string& n, const auto& u, clip::Role) {
+        if constexpr (!clip::is_counter_v<decltype(u)>)
+          if (n == name) other = u.data();
+      });
+      BOOST_REQUIRE(other);
+      for (int64_t i = 0; i < t.numel; ++i) differing += t.data()[i] != other[i];
+    }
+  });
+  BOOST_TEST(differing == 0);
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(bf16_models)
+
+BOOST_AUTO_TEST_CASE(vit_tiny_bf16_trainer_step_and_exact_resume) { check_trainer_resumes_exactly(); }
 
 BOOST_AUTO_TEST_CASE(vit_tiny_bf16_features_match_openai_fp32) { check_inference<ViTTiny>("vit_tiny.safetensors"); }
 BOOST_AUTO_TEST_CASE(rn_tiny_bf16_features_match_openai_fp32) { check_inference<RNTiny>("rn_tiny.safetensors"); }

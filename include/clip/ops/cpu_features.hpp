@@ -5,8 +5,9 @@
 //               state (XCR0 bits 17-18), and Linux granting this process the tile data
 //               (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); refused e.g. under a
 //               sigaltstack too small for the 8 KiB of tile state, or by a seccomp filter)
-//   avx512bf16  vdpbf16ps on zmm registers: cpuid AVX512F and AVX512_BF16 (leaf 7 subleaf 1),
-//               the OS saving the zmm state (XCR0 bits 5-7)
+//   avx512bf16  cpuid AVX512F and AVX512_BF16 (leaf 7 subleaf 1), the OS saving the zmm state
+//               (XCR0 bits 5-7). No vdpbf16ps kernel yet: the GEMM runs these CPUs on the fp32
+//               path below (the AVX-512 fp32 GEMM), which gives the same numbers
 //   fp32        the fp32 GEMM on operands rounded to bf16: the same numbers as the bf16
 //               instructions (a product of two bf16 is exact in fp32), none of their speed
 //
@@ -70,10 +71,11 @@ inline CpuFeatures detect_cpu_features() {
 #if defined(__x86_64__) && defined(__linux__)
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return f;  // OSXSAVE: xgetbv usable
-  uint32_t xcr0_lo = 0, xcr0_hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  f.os_saves_zmm = (xcr0_lo & 0xE6u) == 0xE6u;                 // SSE, AVX, opmask, ZMM
-  f.os_saves_tiles = (xcr0_lo & (3u << 17)) == (3u << 17);      // XTILECFG, XTILEDATA
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const uint64_t xcr0 = (uint64_t{hi} << 32) | lo;
+  f.os_saves_zmm = (xcr0 & 0xE6u) == 0xE6u;             // SSE, AVX, opmask, ZMM
+  f.os_saves_tiles = (xcr0 & (3u << 17)) == (3u << 17);  // XTILECFG, XTILEDATA
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
   f.avx512f = b & (1u << 16);

@@ -62,7 +62,8 @@
 // bf16: inside a MatmulPrecisionScope(Precision::bf16) (ops/matmul_precision.hpp) the same calls
 // round both operands to bf16 and sum in fp32, on the path cpu_isa() (ops/cpu_features.hpp)
 // picks: AMX tiles (ops/gemm_bf16.hpp), or this fp32 GEMM on operands rounded to bf16 (same
-// numbers, fp32 speed) on CPUs without AMX, and for gemm_packed's fp32 panels.
+// numbers, fp32 speed) on CPUs without AMX (AVX512-BF16 alone included: no vdpbf16ps kernel
+// yet), and for gemm_packed's fp32 panels.
 #pragma once
 
 #include <algorithm>
@@ -132,14 +133,14 @@ struct AlignedBuffer {
     return data.get();
   }
 };
-inline float* thread_a_buffer(int64_t floats) {
+// One buffer per thread and role (a distinct number per use).
+template <int Role>
+float* thread_buffer(int64_t floats) {
   static thread_local AlignedBuffer buffer;
   return buffer.get(floats);
 }
-inline float* thread_b_buffer(int64_t floats) {
-  static thread_local AlignedBuffer buffer;
-  return buffer.get(floats);
-}
+inline float* thread_a_buffer(int64_t floats) { return thread_buffer<0>(floats); }
+inline float* thread_b_buffer(int64_t floats) { return thread_buffer<1>(floats); }
 
 // Where B [K, N] lives.
 enum class Layout {
@@ -436,14 +437,8 @@ inline void round_rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = round_to_bf16(src[r * ld + c]);
 }
-inline float* thread_rounded_x_buffer(int64_t floats) {
-  static thread_local AlignedBuffer buffer;
-  return buffer.get(floats);
-}
-inline float* thread_rounded_b_buffer(int64_t floats) {
-  static thread_local AlignedBuffer buffer;
-  return buffer.get(floats);
-}
+inline float* thread_rounded_x_buffer(int64_t floats) { return thread_buffer<2>(floats); }
+inline float* thread_rounded_b_buffer(int64_t floats) { return thread_buffer<3>(floats); }
 
 // The bf16 product on AMX tiles: both operands packed per call (ops/gemm_bf16.hpp).
 inline void gemm_bf16_tiles(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed,

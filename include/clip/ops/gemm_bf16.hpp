@@ -11,8 +11,8 @@
 //   A: x converted to bf16 per call, [Mp, Kp] row-major (Mp, Kp rounded up to 32, zero-padded):
 //      a tile is 16 rows of it, 64 bytes each, at row stride 2 Kp bytes
 //   B: packed into VNNI panels of 16 columns, [Kp / 2, 16 pairs] each: a tile is 16 consecutive
-//      rows of a panel (1 KiB, contiguous). pack_b_vnni is the format; weights can be packed once
-//      (Bf16PackedMatrix) instead of per call.
+//      rows of a panel (1 KiB, contiguous). Packed per call for now, weights included: packing
+//      them once at load is the next step, to be measured on an AMX machine.
 //
 // Exactness: a product of two bf16 is exact in fp32; each y element sums K such products in fp32
 // in an order that depends on K alone (tile step by tile step), not on the threads.
