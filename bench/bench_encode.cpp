@@ -1,5 +1,6 @@
 // CPU encoding throughput: images/s (or captions/s) and GFLOP/s of the matrix products, for
-// ViT-B/32 and RN50 images at batch 1 and 8 and for 77-position captions at batch 32.
+// ViT-B/32 and RN50 images at batch 1 and 8 and for 77-position captions at batch 32; the *_bf16
+// cases run the same encoders with bf16 products (Precision::bf16).
 // bench/pytorch_side_by_side.py runs these cases interleaved with the same models in PyTorch.
 #include <benchmark/benchmark.h>
 
@@ -29,7 +30,7 @@ std::unique_ptr<Params> random_params() {
   return params;
 }
 
-template <class Cfg>
+template <class Cfg, clip::Precision P = clip::Precision::fp32>
 void encode_images(benchmark::State& state) {
   using Net = clip::Clip<Cfg>;
   constexpr int R = Cfg::image_resolution;
@@ -40,7 +41,7 @@ void encode_images(benchmark::State& state) {
   std::normal_distribution<float> normal;
   for (float& v : images) v = normal(rng);
   for (auto _ : state) {
-    Net::encode_image(*params, images.data(), features.data(), batch);
+    Net::encode_image(*params, images.data(), features.data(), batch, P);
     benchmark::DoNotOptimize(features.data());
   }
   const double flops = clip::dims<Cfg>::vision::forward_flops();
@@ -49,7 +50,7 @@ void encode_images(benchmark::State& state) {
 }
 
 // Full-length captions: the end-of-text token sits at the last position, so all 77 positions run.
-template <class Cfg>
+template <class Cfg, clip::Precision P = clip::Precision::fp32>
 void encode_text(benchmark::State& state) {
   using Net = clip::Clip<Cfg>;
   constexpr int T = Cfg::context_length;
@@ -65,7 +66,7 @@ void encode_text(benchmark::State& state) {
   }
   std::vector<float> features(batch * Cfg::embed_dim);
   for (auto _ : state) {
-    Net::encode_text(*params, tokens.data(), features.data(), batch);
+    Net::encode_text(*params, tokens.data(), features.data(), batch, P);
     benchmark::DoNotOptimize(features.data());
   }
   const double flops = clip::dims<Cfg>::text::forward_flops();
@@ -81,5 +82,10 @@ using clip::variants::ViT_B_32;
 BENCHMARK(encode_images<ViT_B_32>)->Name("ViT-B-32_image")->Arg(1)->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(encode_images<RN50>)->Name("RN50_image")->Arg(1)->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(encode_text<ViT_B_32>)->Name("ViT-B-32_text")->Arg(32)->Unit(benchmark::kMillisecond)->UseRealTime();
+// Products in bf16 (AMX tiles where the CPU has them: clip::cpu_isa()).
+constexpr auto bf16 = clip::Precision::bf16;
+BENCHMARK(encode_images<ViT_B_32, bf16>)->Name("ViT-B-32_image_bf16")->Arg(8)->Arg(32)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(encode_images<RN50, bf16>)->Name("RN50_image_bf16")->Arg(32)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(encode_text<ViT_B_32, bf16>)->Name("ViT-B-32_text_bf16")->Arg(32)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();

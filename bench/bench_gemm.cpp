@@ -10,6 +10,9 @@
 //   new     gemm_nt (nn.Linear weight [N, K]) or gemm_nn (P [K, N]), packing B every call
 //   packed  gemm_packed with B packed once outside the timed loop (constant weights)
 //   eigen   the Eigen baseline (eigen_gemm below)
+//   bf16    gemm_nt / gemm_nn inside a bf16 MatmulPrecisionScope: AMX tiles where the CPU has
+//           them (clip::cpu_isa(); CLIP_CPU_ISA=fp32 forces the fallback), both operands
+//           converted and packed per call
 // All accumulate, y += x B, as the model's products do onto a bias or a residual.
 // Convolutions are the row-major NN product y[Cout, pixels] = W[Cout, Cin*k*k] * im2col[Cin*k*k,
 // pixels], the layout conv2d.hpp holds them in; here the whole layer is one product with im2col
@@ -104,7 +107,7 @@ void eigen_gemm(float* y, const float* x, const float* b, int64_t m, int64_t n, 
     slice(n * part / parts / 16 * 16, part == parts - 1 ? n : n * (part + 1) / parts / 16 * 16);
 }
 
-enum class Impl { fresh, packed, eigen };
+enum class Impl { fresh, packed, eigen, bf16 };
 
 void run(benchmark::State& state, const Shape& s, Impl impl) {
   const int threads = static_cast<int>(state.range(0));
@@ -123,9 +126,11 @@ void run(benchmark::State& state, const Shape& s, Impl impl) {
   clip::PackedMatrix packed;
   if (impl == Impl::packed)
     packed = nt ? clip::PackedMatrix::from_nt(b.data(), s.n, s.k, s.k) : clip::PackedMatrix::from_nn(b.data(), s.k, s.n, s.n);
+  const clip::MatmulPrecisionScope precision(impl == Impl::bf16 ? clip::Precision::bf16 : clip::Precision::fp32);
   for (auto _ : state) {
     switch (impl) {
       case Impl::fresh:
+      case Impl::bf16:
         if (nt)
           clip::gemm_nt(s.m, s.n, s.k, x.data(), s.k, b.data(), s.k, y.data(), s.n, true);
         else
@@ -148,8 +153,9 @@ void run(benchmark::State& state, const Shape& s, Impl impl) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::pair<Impl, const char*> impls[] = {{Impl::fresh, "new"}, {Impl::packed, "packed"}, {Impl::eigen, "eigen"}};
-  // Per shape and thread count, the three implementations back to back (same machine load).
+  const std::pair<Impl, const char*> impls[] = {{Impl::fresh, "new"}, {Impl::packed, "packed"}, {Impl::eigen, "eigen"},
+                                                {Impl::bf16, "bf16"}};
+  // Per shape and thread count, the implementations back to back (same machine load).
   for (const Shape& s : shapes)
     for (int threads : {1, 2})
       for (const auto& [impl, impl_name] : impls) {

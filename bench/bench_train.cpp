@@ -14,7 +14,7 @@
 
 namespace {
 
-template <class Cfg>
+template <class Cfg, clip::Precision P = clip::Precision::fp32>
 void train_step(benchmark::State& state) {
   constexpr int R = Cfg::image_resolution, T = Cfg::context_length;
   const int64_t batch = state.range(0);
@@ -23,7 +23,7 @@ void train_step(benchmark::State& state) {
   clip::TrainOptions options;
   options.batch = batch;
   options.adam.lr = 1e-5f;  // small: the weights stay in their initial range while timing
-  clip::Trainer<Cfg> trainer(*params, options);
+  clip::Trainer<Cfg> trainer(*params, options, P);
 
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
@@ -51,5 +51,7 @@ using clip::variants::ViT_B_32;
 
 BENCHMARK(train_step<ViT_B_32>)->Name("ViT-B-32_train")->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(train_step<RN50>)->Name("RN50_train")->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+// Mixed precision (bf16 products, fp32 master weights and AdamW), as open_clip's amp_bf16.
+BENCHMARK(train_step<ViT_B_32, clip::Precision::bf16>)->Name("ViT-B-32_train_bf16")->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();

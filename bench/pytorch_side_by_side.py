@@ -16,6 +16,10 @@ the symmetric cross-entropy, and torch.optim.AdamW. Usage (from the build folder
         /usr/bin/python3 bench/pytorch_side_by_side.py --bench build/bench/clip-bench-train \\
         --cases ViT-B-32_train/16,RN50_train/16
 
+A case named `<case>_bf16` (ViT-B-32_image_bf16/32, ViT-B-32_train_bf16/16, ...) runs clip with
+Precision::bf16 and PyTorch under torch.autocast("cpu", torch.bfloat16) (its products in bf16
+through oneDNN, AMX where the CPU has it); each row ends with the 1-minute load average.
+
 PyTorch's fp32 products need OpenBLAS (libopenblas0-pthread) with OPENBLAS_CORETYPE=SkylakeX on
 these CPUs, which it otherwise misdetects (falling back to SSE3 kernels).
 """
@@ -118,14 +122,21 @@ TRAIN_CASES = {
 }
 
 
-def time_torch_train(name, batch, seconds):
+def base_case(name):
+    """(the fp32 case, whether bf16): `<case>_bf16` is <case> with its products in bf16."""
+    return (name[:-len("_bf16")], True) if name.endswith("_bf16") else (name, False)
+
+
+def time_torch_train(name, batch, seconds, bf16=False):
     model = TRAIN_CASES[name][0]().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     images, texts = torch.randn(batch, 3, 224, 224), full_captions(batch)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model.loss(images, texts).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # open_clip's amp_bf16
+            loss = model.loss(images, texts)
+        loss.backward()
         optimizer.step()
 
     step()
@@ -139,12 +150,13 @@ def time_torch_train(name, batch, seconds):
 
 
 def time_torch(name, batch, seconds):
+    name, bf16 = base_case(name)
     if name in TRAIN_CASES:
-        return time_torch_train(name, batch, seconds)
+        return time_torch_train(name, batch, seconds, bf16)
     make_model, make_input, _ = CASES[name]
     model = make_model().eval()
     x = make_input(batch)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for _ in range(2):
             model(x)
         runs, start = 0, time.perf_counter()
@@ -176,8 +188,8 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
-    print("| case | batch | clip items/s | clip GFLOP/s | PyTorch items/s | PyTorch GFLOP/s | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| case | batch | clip items/s | clip GFLOP/s | PyTorch items/s | PyTorch GFLOP/s | ratio | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for case in args.cases.split(","):
         name, batch = case.split("/")
         batch = int(batch)
@@ -186,8 +198,10 @@ def main():
             ours.append(time_cpp(args.bench, name, batch, args.seconds))
             theirs.append(time_torch(name, batch, args.seconds))
         a, b = statistics.median(ours), statistics.median(theirs)
-        gflop = TRAIN_CASES[name][1] if name in TRAIN_CASES else CASES[name][2]
-        print(f"| {name} | {batch} | {a:.2f} | {a * gflop:.0f} | {b:.2f} | {b * gflop:.0f} | {a / b:.2f}x |", flush=True)
+        base = base_case(name)[0]
+        gflop = TRAIN_CASES[base][1] if base in TRAIN_CASES else CASES[base][2]
+        print(f"| {name} | {batch} | {a:.2f} | {a * gflop:.0f} | {b:.2f} | {b * gflop:.0f} | {a / b:.2f}x "
+              f"| {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ constexpr const char* kUsage =
     "  --normalize       write L2-normalized rows (unit vectors) instead\n"
     "  --batch N         images or texts encoded at once (default 32; bounds memory)\n"
     "  --device DEV      cpu (default) or cuda (the first GPU)\n"
-    "  --precision P     with --device cuda: bf16 (default; fp32 accumulation) or fp32\n"
+    "  --precision P     bf16 (fp32 sums; the default with --device cuda; AMX tiles on CPUs\n"
+    "                    that have them) or fp32 (the default on the CPU)\n"
     "  --vocab FILE      the BPE vocabulary (default: bpe_simple_vocab_16e6.txt.gz from\n"
     "                    $CLIP_DATA_DIR, the source tree's data/ or the installed share/clip)\n"
     "  --quiet           no progress bar (shown on a terminal, or in a log from 1000 items)\n"
@@ -91,7 +92,7 @@ Arguments parse(int argc, char** argv) {
     else if (auto v = a.option("--text")) args.texts.push_back({false, std::string(*v)});
     else if (auto v = a.path_option("--text-file")) args.texts.push_back({true, *v});
     else if (auto v = a.option("--device")) args.device.device = cli::parse_device_option(*v);
-    else if (auto v = a.option("--precision")) args.device.precision = cli::parse_precision_option(*v);
+    else if (auto v = a.option("--precision")) args.device.requested_precision = cli::parse_precision_option(*v);
     else if (auto v = a.option("--batch")) args.batch = cli::parse_int("--batch", *v, 1, 1 << 20, "items");
     else a.unknown();
   }

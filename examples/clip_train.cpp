@@ -105,7 +105,8 @@ constexpr const char* kUsage =
     "  --shuffle-buffer N      samples shuffled together (default 1000)\n"
     "  --device DEV            cpu (default) or cuda (the first GPU; zero-shot evaluation and\n"
     "                          checkpoints still go through the host copy of the weights)\n"
-    "  --precision P           with --device cuda: bf16 (default; fp32 master weights) or fp32\n"
+    "  --precision P           bf16 products, fp32 master weights (the default with --device\n"
+    "                          cuda; AMX tiles on CPUs that have them) or fp32 (the CPU default)\n"
     "  --recompute             activation recomputation: keep only each block's input, re-run the\n"
     "                          block in backward (less memory, ~1/3 more compute)\n"
     "  --workers N             data-loading threads (default 2)\n"
@@ -201,7 +202,7 @@ Arguments parse(int argc, char** argv) {
     else if (r.flag("--quiet")) a.quiet = true;
     else if (r.flag("--recompute")) a.recompute = true;
     else if (auto v = r.option("--device")) a.device.device = cli::parse_device_option(*v);
-    else if (auto v = r.option("--precision")) a.device.precision = cli::parse_precision_option(*v);
+    else if (auto v = r.option("--precision")) a.device.requested_precision = cli::parse_precision_option(*v);
     else if (r.flag("--no-augment")) a.augment = false;
     else if (auto v = r.option("--model")) a.model = std::string(*v);
     else if (auto v = r.path_option("--train-data")) add_sources(a.train_data, *v);
@@ -618,10 +619,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   options.recompute = args.recompute;
   if (!args.init.empty()) model.load(args.init);
   else clip::init_params<Cfg>(model.params(), run.seed);
-  Trainer trainer = [&] {
-    if constexpr (D == clip::Device::cuda) return Trainer(model.params(), options, args.device.precision);
-    else return Trainer(model.params(), options);
-  }();
+  Trainer trainer(model.params(), options, args.device.precision());
   // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
   // the final weights read the host copy, brought up to date first.
   auto to_host = [&] {

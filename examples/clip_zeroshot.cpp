@@ -56,7 +56,8 @@ constexpr const char* kUsage =
     "  --json-out FILE   with --dataset: the JSON report (written atomically)\n"
     "  --batch N         images encoded at once (default 32; bounds memory)\n"
     "  --device DEV      cpu (default) or cuda (the first GPU)\n"
-    "  --precision P     with --device cuda: bf16 (default; fp32 accumulation) or fp32\n"
+    "  --precision P     bf16 (fp32 sums; the default with --device cuda; AMX tiles on CPUs\n"
+    "                    that have them) or fp32 (the default on the CPU)\n"
     "  --vocab FILE      the BPE vocabulary (default: bpe_simple_vocab_16e6.txt.gz from\n"
     "                    $CLIP_DATA_DIR, the source tree's data/ or the installed share/clip)\n"
     "  --quiet           no progress bar (shown on a terminal, or in a log from 1000 items)\n"
@@ -89,7 +90,7 @@ Arguments parse(int argc, char** argv) {
     else if (auto v = a.path_option("--vocab")) args.vocab = *v;
     else if (auto v = a.option("--top")) args.top = cli::parse_int("--top", *v, 1, 1 << 20, "classes");
     else if (auto v = a.option("--device")) args.device.device = cli::parse_device_option(*v);
-    else if (auto v = a.option("--precision")) args.device.precision = cli::parse_precision_option(*v);
+    else if (auto v = a.option("--precision")) args.device.requested_precision = cli::parse_precision_option(*v);
     else if (auto v = a.option("--batch")) args.batch = cli::parse_int("--batch", *v, 1, 1 << 20, "images");
     else a.unknown();
   }

@@ -129,6 +129,26 @@ void check_embed_end_to_end() {
   BOOST_TEST(string_list(plain.metadata().at("images")) == images, boost::test_tools::per_element());
   BOOST_TEST(string_list(plain.metadata().at("texts")) == g.captions, boost::test_tools::per_element());
 
+  // --precision bf16 on the CPU is honoured (products on bf16 operands): each row within cosine
+  // 0.999 of the fp32 one (tests/test_bf16_models.cpp states the error model), and not equal to it.
+  r = embed([&] { auto a = args; a.insert(a.end(), {"--precision", "bf16", "--out", dir / "bf16.safetensors"}); return a; }());
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+  const clip::SafeTensors bf16 = clip::SafeTensors::open(dir / "bf16.safetensors");
+  for (const char* name : {"image_features", "text_features"}) {
+    const clip::Tensor got = bf16.tensor(name), ref = plain.tensor(name);
+    BOOST_TEST_REQUIRE(got.shape == ref.shape);
+    const int64_t cols = Cfg::embed_dim;
+    for (int64_t row = 0; row < got.shape[0]; ++row) {
+      double ab = 0, aa = 0, bb = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const double a = got.values[row * cols + j], b = ref.values[row * cols + j];
+        ab += a * b, aa += a * a, bb += b * b;
+      }
+      BOOST_TEST(ab / std::sqrt(aa * bb) >= 0.999, name << " row " << row);
+    }
+    BOOST_TEST(relative_error(got, ref) > 1e-6, name << ": --precision bf16 gave the fp32 features");
+  }
+
   // --normalize: the same rows as unit vectors.
   r = embed([&] { auto a = args; a.insert(a.end(), {"--normalize", "--out", dir / "unit.safetensors"}); return a; }());
   BOOST_TEST_REQUIRE(r.status == 0, r.err);

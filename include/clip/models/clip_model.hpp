@@ -27,6 +27,7 @@
 #include "clip/models/modified_resnet.hpp"
 #include "clip/models/text_transformer.hpp"
 #include "clip/models/vision_transformer.hpp"
+#include "clip/ops/matmul_precision.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/tensor/tensor.hpp"
 
@@ -79,9 +80,16 @@ struct Clip {
     }
   };
 
-  // features [B, E] of images [B, 3, R, R] (normalised pixels), not L2-normalised.
+  // features [B, E] of images [B, 3, R, R] (normalised pixels), not L2-normalised. The matrix
+  // products run in the calling thread's matmul_precision() (fp32 unless a scope says otherwise).
   static void encode_image(const Params& p, const float* images, float* features, int64_t batch,
                            Trace* trace = nullptr) {
+    Visual::forward(p.visual, images, features, batch, trace);
+  }
+  // The same with the products in `precision` (bf16: operands rounded to bf16, fp32 sums).
+  static void encode_image(const Params& p, const float* images, float* features, int64_t batch,
+                           Precision precision, Trace* trace = nullptr) {
+    const MatmulPrecisionScope scope(precision);
     Visual::forward(p.visual, images, features, batch, trace);
   }
 
@@ -89,6 +97,12 @@ struct Clip {
   template <std::integral Id>
   static void encode_text(const Params& p, const Id* tokens, float* features, int64_t batch,
                           Trace* trace = nullptr) {
+    Text::forward(p, tokens, features, batch, trace);
+  }
+  template <std::integral Id>
+  static void encode_text(const Params& p, const Id* tokens, float* features, int64_t batch, Precision precision,
+                          Trace* trace = nullptr) {
+    const MatmulPrecisionScope scope(precision);
     Text::forward(p, tokens, features, batch, trace);
   }
 
@@ -162,10 +176,13 @@ class Model<Cfg, Device::cpu> {
   static constexpr int context_length = Cfg::context_length;
   static constexpr int embed_dim = Cfg::embed_dim;
 
-  // All weights zero; fill them with load() or through params().
-  Model() : params_(std::make_unique<Params>()) {}
+  // All weights zero; fill them with load() or through params(). `precision` is what the matrix
+  // products run in (weights stay fp32 either way): bf16 runs them on AMX tiles where the CPU
+  // has them (see ops/cpu_features.hpp), fp32 is the reference.
+  explicit Model(Precision precision = Precision::fp32) : params_(std::make_unique<Params>()), precision_(precision) {}
   // Loads a safetensors file with OpenAI's (or Hugging Face's) names.
-  explicit Model(const std::filesystem::path& weights, Extra extra = Extra::forbid) : Model() {
+  explicit Model(const std::filesystem::path& weights, Extra extra = Extra::forbid) : Model() { load(weights, extra); }
+  Model(const std::filesystem::path& weights, Precision precision, Extra extra = Extra::forbid) : Model(precision) {
     load(weights, extra);
   }
 
@@ -176,6 +193,7 @@ class Model<Cfg, Device::cpu> {
 
   Params& params() { return *params_; }
   const Params& params() const { return *params_; }
+  Precision precision() const { return precision_; }
 
   // [B, 3, R, R] preprocessed images -> [B, E] features (not normalised).
   Tensor encode_image(const Tensor& images, Trace* trace = nullptr) const {
@@ -185,7 +203,7 @@ class Model<Cfg, Device::cpu> {
                shape_string(images.shape));
     const int64_t batch = images.shape[0];
     Tensor features({batch, embed_dim});
-    Network::encode_image(*params_, images.data(), features.data(), batch, trace);
+    Network::encode_image(*params_, images.data(), features.data(), batch, precision_, trace);
     return features;
   }
 
@@ -196,7 +214,7 @@ class Model<Cfg, Device::cpu> {
                " token ids; got ", tokens.size(), " ids");
     const int64_t batch = static_cast<int64_t>(tokens.size()) / context_length;
     Tensor features({batch, embed_dim});
-    Network::encode_text(*params_, tokens.data(), features.data(), batch, trace);
+    Network::encode_text(*params_, tokens.data(), features.data(), batch, precision_, trace);
     return features;
   }
   template <std::integral Id>
@@ -226,6 +244,7 @@ class Model<Cfg, Device::cpu> {
 
  private:
   std::unique_ptr<Params> params_;
+  Precision precision_ = Precision::fp32;
 };
 
 }  // namespace clip

@@ -252,8 +252,10 @@ struct Winograd3x3 {
     float* m = v + 16 * int64_t{Cin} * nt_max;  // [16][Cout][nt]
     float* rows = m + 16 * int64_t{Cout} * nt_max;
     kernel_transform(weight, u, /*flipped=*/false);
+    const Precision precision = matmul_precision();  // the workers run the caller's precision
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+      const MatmulPrecisionScope scope(precision);
       const int t = detail::conv_thread_id(), nth = detail::conv_threads_in_team();
       float* buf = rows + t * row_floats(w);
       for (int64_t r0 = 0; r0 < g.rows(); r0 += rows_per_block) {
@@ -293,8 +295,10 @@ struct Winograd3x3 {
     float* rows = mdx + (dx ? 16 * int64_t{Cin} * nt_max : 0);
     std::fill_n(du, u_size, 0.0f);
     if (dx) kernel_transform(weight, uf, /*flipped=*/true);
+    const Precision precision = matmul_precision();  // the workers run the caller's precision
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+      const MatmulPrecisionScope scope(precision);
       const int t = detail::conv_thread_id(), nth = detail::conv_threads_in_team();
       float* buf = rows + t * row_floats(w);
       for (int64_t r0 = 0; r0 < g.rows(); r0 += rows_per_block) {
@@ -595,8 +599,10 @@ struct Conv2d {
         col.clear();
         col.resize(threads * block * depth);
       }
+      const Precision precision = matmul_precision();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
       for (int64_t t = 0; t < tasks; ++t) {
+        const MatmulPrecisionScope scope(precision);
         const int64_t s = t / blocks_per_seg, j0 = (t % blocks_per_seg) * block;
         const int64_t cols = std::min(block, seg_cols - j0);
         float* buffer = direct ? nullptr : col.data() + detail::conv_thread_id() * block * depth;
@@ -613,8 +619,10 @@ struct Conv2d {
       const int per_group = (Cout / groups + 15) / 16 * 16;
       for (int64_t s = 0; s < segments; ++s) {
         if (!direct) im2col(x, xl, h, w, s * out_hw, seg_cols, 0, depth, col.data());
+        const Precision precision = matmul_precision();
 #pragma omp parallel for schedule(static) num_threads(groups) if (groups > 1)
         for (int g = 0; g < groups; ++g) {
+          const MatmulPrecisionScope scope(precision);
           const int c0 = std::min(Cout, g * per_group), c1 = std::min(Cout, c0 + per_group);
           if (c0 >= c1) continue;
           tile(x, xl, weight, y, yl, h, w, s, 0, seg_cols, c0, c1, col.data(), /*pack=*/false);
@@ -733,8 +741,10 @@ struct Conv2d {
         col.clear();
         col.resize(groups * rows_max * block);
       }
+      const Precision precision = matmul_precision();
 #pragma omp parallel for schedule(static, 1) num_threads(groups) if (groups > 1)
       for (int g = 0; g < groups; ++g) {
+        const MatmulPrecisionScope scope(precision);
         const int64_t r0 = first_row(g), r1 = first_row(g + 1), rows = r1 - r0;
         float* buffer = col.data() + g * rows_max * block;
         if (d_x && !accumulate)

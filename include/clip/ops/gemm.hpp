@@ -58,6 +58,12 @@
 // or the packing: results are bit-identical with 1 or 2 threads, packed or not, whole or sliced.
 //
 // Without AVX-512 the same functions run Eigen's GEMM (one single-threaded product per thread).
+//
+// bf16: inside a MatmulPrecisionScope(Precision::bf16) (ops/matmul_precision.hpp) the same calls
+// round both operands to bf16 and sum in fp32, on the path cpu_isa() (ops/cpu_features.hpp)
+// picks: AMX tiles (ops/gemm_bf16.hpp), or this fp32 GEMM on operands rounded to bf16 (same
+// numbers, fp32 speed) on CPUs without AMX (AVX512-BF16 alone included: no vdpbf16ps kernel
+// yet), and for gemm_packed's fp32 panels.
 #pragma once
 
 #include <algorithm>
@@ -77,7 +83,11 @@
 #include <immintrin.h>
 #endif
 
+#include "clip/core/bf16.hpp"
 #include "clip/core/error.hpp"
+#include "clip/ops/cpu_features.hpp"
+#include "clip/ops/gemm_bf16.hpp"
+#include "clip/ops/matmul_precision.hpp"
 
 namespace clip {
 
@@ -123,14 +133,14 @@ struct AlignedBuffer {
     return data.get();
   }
 };
-inline float* thread_a_buffer(int64_t floats) {
+// One buffer per thread and role (a distinct number per use).
+template <int Role>
+float* thread_buffer(int64_t floats) {
   static thread_local AlignedBuffer buffer;
   return buffer.get(floats);
 }
-inline float* thread_b_buffer(int64_t floats) {
-  static thread_local AlignedBuffer buffer;
-  return buffer.get(floats);
-}
+inline float* thread_a_buffer(int64_t floats) { return thread_buffer<0>(floats); }
+inline float* thread_b_buffer(int64_t floats) { return thread_buffer<1>(floats); }
 
 // Where B [K, N] lives.
 enum class Layout {
@@ -388,8 +398,8 @@ inline std::pair<int, int> thread_grid(int threads, int64_t m, int64_t n, double
   return best;
 }
 
-// y[m, n] (+)= x[m, k] * B[k, n], on the calling thread or split over the OpenMP threads.
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed, const BSource& b,
+// y[m, n] (+)= x[m, k] * B[k, n] in fp32, on the calling thread or split over the OpenMP threads.
+inline void gemm_fp32(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed, const BSource& b,
                  float* y, int64_t ldy, bool accumulate) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
@@ -418,6 +428,66 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, b
                 y + m0 * ldy + n0, ldy, accumulate);
   }
 #endif
+}
+
+// dst = src rounded to bf16, `rows` rows of `cols` floats at row stride ld (dst packed, stride cols).
+inline void round_rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+#pragma omp parallel for schedule(static) if (rows * cols >= (int64_t{1} << 16))
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = round_to_bf16(src[r * ld + c]);
+}
+inline float* thread_rounded_x_buffer(int64_t floats) { return thread_buffer<2>(floats); }
+inline float* thread_rounded_b_buffer(int64_t floats) { return thread_buffer<3>(floats); }
+
+// The bf16 product on AMX tiles: both operands packed per call (ops/gemm_bf16.hpp).
+inline void gemm_bf16_tiles(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed,
+                            const BSource& b, float* y, int64_t ldy, bool accumulate) {
+  namespace t = detail::gemm_bf16;
+  const t::Shape s{m, n, k};
+  // bf16 buffers in the float buffers: two bf16 per float.
+  auto* a = reinterpret_cast<uint16_t*>(thread_rounded_x_buffer((s.a_elements() + 1) / 2));
+  auto* bp = reinterpret_cast<uint16_t*>(thread_rounded_b_buffer((s.b_elements() + 1) / 2));
+  t::pack_a(x, ldx, x_transposed, s, a);
+  t::pack_b_vnni(b.data, b.ld, b.layout == Layout::nt, s, bp);
+#if CLIP_GEMM_HAS_AMX
+  t::tile_product<t::AmxTileOps>(s, a, bp, y, ldy, accumulate, gemm_threads(m, n, k));
+#else
+  t::tile_product<t::EmulatedTileOps>(s, a, bp, y, ldy, accumulate, 1);
+#endif
+}
+
+// The bf16 product on CPUs without AMX (or of gemm_packed's panels): the fp32 GEMM on copies of
+// the operands rounded to bf16. Exact products, fp32 sums: the numbers of the bf16 instructions.
+inline void gemm_bf16_rounded(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed,
+                              const BSource& b, float* y, int64_t ldy, bool accumulate) {
+  const int64_t x_rows = x_transposed ? k : m, x_cols = x_transposed ? m : k;
+  float* xr = thread_rounded_x_buffer(x_rows * x_cols);
+  round_rows_to_bf16(x, ldx, x_rows, x_cols, xr);
+  BSource br = b;
+  if (b.layout == Layout::packed) {  // panels of k rows of b.ld floats, zero padding stays zero
+    br.data = thread_rounded_b_buffer(k * b.ld);
+    round_rows_to_bf16(b.data, b.ld, k, b.ld, const_cast<float*>(br.data));
+  } else {
+    const int64_t rows = b.layout == Layout::nt ? n : k, cols = b.layout == Layout::nt ? k : n;
+    float* dst = thread_rounded_b_buffer(rows * cols);
+    round_rows_to_bf16(b.data, b.ld, rows, cols, dst);
+    br = {b.layout, dst, cols};
+  }
+  gemm_fp32(m, n, k, xr, x_cols, x_transposed, br, y, ldy, accumulate);
+}
+
+// y[m, n] (+)= x[m, k] * B[k, n] in the calling thread's matmul_precision().
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, bool x_transposed, const BSource& b,
+                 float* y, int64_t ldy, bool accumulate) {
+  if (matmul_precision() == Precision::fp32 || m <= 0 || n <= 0 || k <= 0) {
+    gemm_fp32(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
+    return;
+  }
+  if (cpu_isa() == CpuIsa::amx && b.layout != Layout::packed)
+    gemm_bf16_tiles(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
+  else
+    gemm_bf16_rounded(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
 }
 
 }  // namespace detail::gemm

@@ -86,8 +86,12 @@ class Trainer<Cfg, Device::cpu> {
            (Visual::TrainActs::floats_per_sample(recompute) + Text::TrainActs::floats_per_sample(recompute));
   }
 
-  Trainer(Params& params, TrainOptions options)
-      : params_(params), options_(normalized(options)), grads_(std::make_unique<Params>()),
+  // precision bf16 is mixed precision as open_clip's amp_bf16: the matrix products of both
+  // towers' forward and backward run in bf16 (operands rounded, fp32 sums); the weights (the
+  // master copy), the gradients, LayerNorm, softmax, the loss and AdamW stay fp32, and so do
+  // checkpoints.
+  Trainer(Params& params, TrainOptions options, Precision precision = Precision::fp32)
+      : params_(params), options_(normalized(options)), precision_(precision), grads_(std::make_unique<Params>()),
         optimizer_(params, options_.adam),
         image_acts_(std::make_unique<typename Visual::TrainActs>(options_.micro_batch, options_.recompute)),
         text_acts_(std::make_unique<typename Text::TrainActs>(options_.micro_batch, options_.recompute)),
@@ -103,6 +107,7 @@ class Trainer<Cfg, Device::cpu> {
   StepResult step(const float* images, const int32_t* tokens) {
     const int64_t B = options_.batch, M = options_.micro_batch;
     const float logit_scale = params_.logit_scale[0];
+    const MatmulPrecisionScope towers(precision_);  // checked_loss returns to fp32
     ContrastiveLoss loss;
     if (M == B) {
       image_forward(images, image_features_.data(), B, /*update_running_stats=*/true);
@@ -152,10 +157,12 @@ class Trainer<Cfg, Device::cpu> {
   const AdamW<Params>& optimizer() const { return optimizer_; }
   const TrainOptions& options() const { return options_; }
   Params& params() { return params_; }
+  Precision precision() const { return precision_; }
 
  private:
   Params& params_;
   TrainOptions options_;
+  Precision precision_;
   std::unique_ptr<Params> grads_;  // zero between steps (AdamW clears what it consumes)
   AdamW<Params> optimizer_;
   std::unique_ptr<typename Visual::TrainActs> image_acts_;
@@ -186,6 +193,7 @@ class Trainer<Cfg, Device::cpu> {
 
   // The whole batch's loss and feature gradients, refused when not finite.
   ContrastiveLoss checked_loss(float logit_scale) {
+    const MatmulPrecisionScope fp32(Precision::fp32);
     ContrastiveLoss loss;
     try {
       loss = contrastive_loss<E>(image_features_.data(), text_features_.data(), options_.batch, logit_scale,
