@@ -18,6 +18,7 @@
 #include "clip/io/json.hpp"
 #include "clip/io/safetensors.hpp"
 #include "golden.hpp"
+#include "messages.hpp"
 
 using namespace clip;
 using namespace clip::image;
@@ -347,6 +348,23 @@ BOOST_AUTO_TEST_CASE(broken_files_give_errors_that_name_them) {
   std::vector<uint8_t> corrupt_jpeg(jpeg_bytes.begin(), jpeg_bytes.begin() + 2);
   corrupt_jpeg.insert(corrupt_jpeg.end(), 5000, 0xFF);
   expect_decode_error(dir.write("corrupt.jpg", corrupt_jpeg), "JPEG");
+}
+
+// Regression (found by tests/fuzz/fuzz_image): width * height of a header giving 2^32 - 1 on both
+// sides overflowed int64 in the very check meant to refuse it, and the image went on to stb_image.
+BOOST_AUTO_TEST_CASE(the_pixel_limit_holds_for_sizes_whose_product_overflows) {
+  TempDir dir;
+  expect_decode_error(dir.write("max.png", png_header(4294967295u, 4294967295u, 2)), "decompression bomb");
+  expect_decode_error(dir.write("max.png", png_header(4294967295u, 4294967295u, 2)), "4294967295x4294967295");
+  expect_decode_error(dir.write("wide.png", png_header(4294967295u, 3, 2)), "decompression bomb");
+  // Pillow's limit exactly: 178,956,970 pixels pass the check (stb_image then refuses the
+  // header-only file), one more is a bomb.
+  BOOST_TEST(clip::limits::kMaxImagePixels == 178'956'970);
+  const std::string at_limit = test::message_of([&] { decode(png_header(178'956'970u, 1, 2), "at_limit.png"); });
+  BOOST_TEST(at_limit.find("decompression bomb") == std::string::npos, at_limit);
+  BOOST_TEST(at_limit.find("corrupt or truncated PNG") != std::string::npos, at_limit);
+  expect_decode_error(dir.write("over.png", png_header(178'956'971u, 1, 2)), "decompression bomb");
+  expect_decode_error(dir.write("over.png", png_header(178'956'971u, 1, 2)), "limit of 178956970");
 }
 
 BOOST_AUTO_TEST_CASE(clip_preprocess_program_matches_the_golden_tensors) {
