@@ -414,6 +414,13 @@ BOOST_AUTO_TEST_CASE(clip_preprocess_program_matches_the_golden_tensors) {
   // A failure leaves an existing output as it was.
   BOOST_TEST(run(exe, {"--size", "224", "--out", out.string(), broken.string()}, dir.path / "log") == 1);
   BOOST_TEST(SafeTensors::open(out).entries().size() == 2u);
+  // The message is a sentence for the user; --verbose adds the source line that raised it.
+  const std::string plain = read_text(dir.path / "log");
+  BOOST_TEST(plain.find(".hpp:") == std::string::npos, plain);
+  BOOST_TEST(run(exe, {"--verbose", "--size", "224", "--out", failed_out.string(), broken.string()}, dir.path / "log") == 1);
+  const std::string verbose = read_text(dir.path / "log");
+  BOOST_TEST(verbose.find(broken.string()) != std::string::npos, verbose);
+  BOOST_TEST(verbose.find("image/decode.hpp:") != std::string::npos, verbose);
   size_t leftovers = 0;
   for (const auto& entry : fs::directory_iterator(dir.path))
     leftovers += entry.path().filename().string().find(".tmp") != std::string::npos;
