@@ -420,7 +420,14 @@ BOOST_AUTO_TEST_CASE(shard_lists_expand_like_braceexpand) {
   BOOST_TEST(contains(error("{a,,b}"), "has an empty element"));
   BOOST_TEST(contains(error("a.tar::::b.tar"), "empty element between '::'"));
   BOOST_TEST(contains(error(""), "the shard list is empty"));
-  BOOST_TEST(contains(error("{0..99999999}"), "more than the 10000000 allowed"));
+  BOOST_TEST(contains(error("{0..99999999}"), "more than the limit of 10000000"));
+  // The limit holds for products of groups and for "::" lists too, and can be lowered.
+  BOOST_TEST(contains(error("{0..9999}{0..9999}"), "expands to more than the limit of 10000000 names"));
+  BOOST_TEST(expand_shard_list("{0..9}{0..9}", 100).size() == 100u);
+  BOOST_TEST(contains(test::message_of([] { expand_shard_list("{0..9}{0..9}::x", 100); }),
+                      "names more than the limit of 100 files"));
+  BOOST_TEST(contains(test::message_of([] { expand_shard_list("{a,b}{0..99}", 100); }),
+                      "expands to more than the limit of 100 names"));
 }
 
 namespace {

@@ -39,4 +39,9 @@ inline constexpr size_t kMaxCaptionBytes = size_t{1} << 20;
 // path or caption comes near 1 MiB, so the error names the line where the quote opened.
 inline constexpr size_t kMaxCsvFieldBytes = size_t{1} << 20;
 
+// Names one shard list expands to: the largest public pools come in about a million shards
+// (DataComp's 12.8B-sample pool: 1.28M); ten times that is still a list, not a typo such as
+// {0..99999999999} that would fill the memory with names.
+inline constexpr size_t kMaxShardListNames = 10'000'000;
+
 }  // namespace clip::limits
