@@ -201,6 +201,20 @@ inline Image decode_bmp(std::span<const uint8_t> b, std::string_view name) {
   }
   if (height < 0) height = -height;  // top-down rows
   check_dimensions(name, width, height);
+  if (compression == 0 || compression == 3) {
+    // Uncompressed rows, each padded to 4 bytes (the last one's padding may be missing): a file
+    // shorter than them is truncated, as Pillow says. stb_image would read zeros past the end,
+    // so a few hundred bytes could stand for 60 megapixels (found by tests/fuzz/fuzz_image).
+    const int64_t row_bytes = (width * bits + 31) / 32 * 4, last_row = (width * bits + 7) / 8;
+    const std::optional<int64_t> rows = checked_mul(row_bytes, height - 1);
+    const int64_t pixels_at = le32(b.data() + 10);
+    const std::optional<int64_t> end =
+        rows ? checked_add(*rows + last_row, pixels_at) : std::nullopt;
+    if (!end || *end > static_cast<int64_t>(b.size()))
+      bad_image(name, "truncated BMP data: ", width, "x", height, " pixels of ", bits, " bits need ",
+                rows ? std::to_string(*rows + last_row) : std::string("more"), " bytes from byte ", pixels_at,
+                ", the file has ", b.size());
+  }
   Mode mode = Mode::RGB;
   if (bits <= 8) {
     const size_t colors = colors_used ? colors_used : size_t{1} << bits;
