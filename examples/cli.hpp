@@ -50,11 +50,39 @@ inline int failure(const char* program, const std::string& message) {
   return 1;
 }
 
+// "--verbose" (before any "--"), which every program takes: errors then also name the source
+// line that raised them. It is taken out of argv, so the programs' own parsers never see it.
+// A debug build (no NDEBUG) always names the line.
+inline bool take_verbose_flag(int& argc, char** argv) {
+#ifdef NDEBUG
+  bool verbose = false;
+#else
+  bool verbose = true;
+#endif
+  int kept = 1;
+  bool options_done = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--") options_done = true;
+    if (!options_done && arg == "--verbose") {
+      verbose = true;
+      continue;
+    }
+    argv[kept++] = argv[i];
+  }
+  argc = kept;
+  argv[argc] = nullptr;
+  return verbose;
+}
+
+inline constexpr const char* kVerboseUsage = "\nEvery program also takes --verbose: errors then name the source line that raised them.\n";
+
 // Every program's main: read the arguments (a usage error exits 2), print the usage for --help,
 // then run; an exception escaping the run is bad input (exit 1) reported with its message.
 template <class Arguments, class Run>
 int run_program(const char* program, const char* usage, int argc, char** argv, Arguments (*parse)(int, char**),
                 Run&& run) {
+  const bool verbose = take_verbose_flag(argc, argv);
   Arguments args;
   try {
     args = parse(argc, argv);
@@ -63,10 +91,13 @@ int run_program(const char* program, const char* usage, int argc, char** argv, A
   }
   if (args.help) {
     std::fputs(usage, stdout);
+    std::fputs(kVerboseUsage, stdout);
     return 0;
   }
   try {
     return run(args);
+  } catch (const Error& e) {
+    return failure(program, verbose && !e.where().empty() ? std::string(e.what()) + " [" + e.where() + "]" : e.what());
   } catch (const std::exception& e) {
     return failure(program, e.what());
   }
@@ -230,15 +261,15 @@ inline std::vector<std::vector<float>> preprocess_images(std::span<const std::st
                                                          int threads = default_threads()) {
   const size_t count = paths.size();
   std::vector<std::vector<float>> tensors(count);
-  std::vector<std::string> errors(count);
+  std::vector<std::exception_ptr> errors(count);
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   auto work = [&] {
     for (size_t i; !failed && (i = next++) < count;) {
       try {
         tensors[i] = image::clip_preprocess(image::decode_file(paths[i]), size);
-      } catch (const std::exception& e) {
-        errors[i] = e.what();
+      } catch (const std::exception&) {
+        errors[i] = std::current_exception();  // rethrown whole: its source line stays for --verbose
         failed = true;
       }
     }
@@ -250,8 +281,8 @@ inline std::vector<std::vector<float>> preprocess_images(std::span<const std::st
   }
   work();
   for (std::thread& w : workers) w.join();
-  for (const std::string& error : errors)
-    if (!error.empty()) throw Error(error);
+  for (const std::exception_ptr& error : errors)
+    if (error) std::rethrow_exception(error);
   return tensors;
 }
 

@@ -32,6 +32,7 @@
 #include "clip/core/error.hpp"
 #include "clip/data/loader.hpp"
 #include "clip/eval/zero_shot.hpp"
+#include "clip/io/folder_lock.hpp"
 #include "clip/io/json.hpp"
 #include "clip/io/state_dict.hpp"
 #include "clip/models/clip_model.hpp"
@@ -644,6 +645,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   }
 
   fs::create_directories(out);
+  const clip::io::FolderLock output_lock(out);  // a second run on the same --output is refused
   clip::MetricsLog metrics(out / "metrics.jsonl", resumed ? std::optional<int64_t>(info.step) : std::nullopt);
   const std::string chart_title = std::string(Cfg::name) + " contrastive pretraining";
   auto write_chart = [&] { cli::write_file_atomically(out / "curves.svg", metrics.curves().svg(chart_title, total)); };

@@ -29,6 +29,7 @@
 #include "clip/eval/zero_shot.hpp"
 #include "clip/image/decode.hpp"
 #include "clip/image/preprocess.hpp"
+#include "clip/io/folder_lock.hpp"
 #include "clip/io/json.hpp"
 #include "clip/io/safetensors.hpp"
 #include "clip/models/clip_model.hpp"
@@ -476,3 +477,24 @@ BOOST_AUTO_TEST_CASE(bad_arguments_exit_2_and_bad_input_exit_1) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// Two runs on one --output would interleave metrics.jsonl: the second is refused, naming the
+// folder and the process that holds it, and writes nothing there. Then, the first gone, the
+// folder is free again.
+BOOST_AUTO_TEST_CASE(a_second_run_on_the_same_output_is_refused) {
+  const TempDir dir;
+  const std::string out = dir / "run";
+  fs::create_directories(out);
+  {
+    const clip::io::FolderLock held(out);  // stands for a run still writing there
+    const Result r = train(data().args(out, {"--steps", "3", "--warmup", "1"}));
+    BOOST_TEST(r.status == 1, r.err);
+    BOOST_TEST(contains(r.err, "the folder '" + out + "' is in use by another run (process " +
+                                   std::to_string(::getpid()) + ")"),
+               r.err);
+    BOOST_TEST(!fs::exists(fs::path(out) / "metrics.jsonl"));
+  }
+  const Result r = train(data().args(out, {"--steps", "3", "--warmup", "1"}));
+  BOOST_TEST(r.status == 0, r.err);
+  BOOST_TEST(metrics(out).train.size() == 3u);
+}

@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -418,7 +420,62 @@ BOOST_AUTO_TEST_CASE(shard_lists_expand_like_braceexpand) {
   BOOST_TEST(contains(error("{a,,b}"), "has an empty element"));
   BOOST_TEST(contains(error("a.tar::::b.tar"), "empty element between '::'"));
   BOOST_TEST(contains(error(""), "the shard list is empty"));
-  BOOST_TEST(contains(error("{0..99999999}"), "more than the 10000000 allowed"));
+  BOOST_TEST(contains(error("{0..99999999}"), "more than the limit of 10000000"));
+  // The limit holds for products of groups and for "::" lists too, and can be lowered.
+  BOOST_TEST(contains(error("{0..9999}{0..9999}"), "expands to more than the limit of 10000000 names"));
+  BOOST_TEST(expand_shard_list("{0..9}{0..9}", 100).size() == 100u);
+  BOOST_TEST(contains(test::message_of([] { expand_shard_list("{0..9}{0..9}::x", 100); }),
+                      "names more than the limit of 100 files"));
+  BOOST_TEST(contains(test::message_of([] { expand_shard_list("{a,b}{0..99}", 100); }),
+                      "expands to more than the limit of 100 names"));
+}
+
+namespace {
+
+// One ustar header block, checksum included, for archives no writer would make.
+std::vector<uint8_t> tar_header(const std::string& name, const std::string& size_octal, char type) {
+  std::vector<uint8_t> block(512, 0);
+  std::copy(name.begin(), name.end(), block.begin());
+  std::copy(size_octal.begin(), size_octal.end(), block.begin() + 124);
+  block[156] = static_cast<uint8_t>(type);
+  std::memcpy(block.data() + 257, "ustar\0" "00", 8);
+  std::fill(block.begin() + 148, block.begin() + 156, ' ');
+  unsigned sum = 0;
+  for (uint8_t b : block) sum += b;
+  std::snprintf(reinterpret_cast<char*>(block.data() + 148), 8, "%06o", sum);
+  return block;
+}
+
+}  // namespace
+
+// Sizes from pax records reach 2^63 - 1: offset + size must not wrap around to pass the check
+// against the file's size (it did, and read() then asked for 2^63 bytes).
+BOOST_AUTO_TEST_CASE(a_pax_size_near_2_to_the_63_is_a_cut_member_not_an_overflow) {
+  TempDir dir;
+  const std::string record = "28 size=9223372036854775807\n";
+  std::vector<uint8_t> archive = tar_header("././@PaxHeader", "00000000034", 'x');
+  std::vector<uint8_t> body(512, 0);
+  std::copy(record.begin(), record.end(), body.begin());
+  archive.insert(archive.end(), body.begin(), body.end());
+  const std::vector<uint8_t> member = tar_header("huge.bin", "00000000001", '0');
+  archive.insert(archive.end(), member.begin(), member.end());
+  archive.resize(archive.size() + 3 * 512, 0);
+  TarReader reader(dir.write("huge.tar", archive));
+  BOOST_TEST(!reader.next().has_value());
+  BOOST_TEST(reader.truncated());
+  BOOST_TEST(contains(reader.problem(), "member 'huge.bin' is cut short"), reader.problem());
+  BOOST_TEST(clip::limits::kMaxTarMemberBytes == int64_t{1} << 30);
+}
+
+// An unclosed quote would make the rest of a table one field: the field limit stops it there.
+BOOST_AUTO_TEST_CASE(a_csv_field_past_the_limit_names_the_line_where_its_quote_opened) {
+  const std::string text = "filepath,title\na.jpg,\"open" + std::string(clip::limits::kMaxCsvFieldBytes, 'x');
+  const std::string message = test::message_of([&] { parse_csv(text, ',', "big.csv"); });
+  BOOST_TEST(contains(message, "'big.csv' has a field longer than the limit of 1048576 bytes in the quoted field "
+                               "that starts on line 2"),
+             message);
+  const std::string plain = "filepath,title\n" + std::string(clip::limits::kMaxCsvFieldBytes + 1, 'y') + ",t\n";
+  BOOST_TEST(contains(test::message_of([&] { parse_csv(plain, ',', "wide.csv"); }), "'wide.csv' line 2 has a field"));
 }
 
 BOOST_AUTO_TEST_CASE(csv_fields_follow_rfc_4180_quoting) {

@@ -18,6 +18,7 @@
 #include "clip/io/json.hpp"
 #include "clip/io/safetensors.hpp"
 #include "golden.hpp"
+#include "messages.hpp"
 
 using namespace clip;
 using namespace clip::image;
@@ -349,6 +350,43 @@ BOOST_AUTO_TEST_CASE(broken_files_give_errors_that_name_them) {
   expect_decode_error(dir.write("corrupt.jpg", corrupt_jpeg), "JPEG");
 }
 
+// Regression (found by tests/fuzz/fuzz_image): width * height of a header giving 2^32 - 1 on both
+// sides overflowed int64 in the very check meant to refuse it, and the image went on to stb_image.
+BOOST_AUTO_TEST_CASE(the_pixel_limit_holds_for_sizes_whose_product_overflows) {
+  TempDir dir;
+  expect_decode_error(dir.write("max.png", png_header(4294967295u, 4294967295u, 2)), "decompression bomb");
+  expect_decode_error(dir.write("max.png", png_header(4294967295u, 4294967295u, 2)), "4294967295x4294967295");
+  expect_decode_error(dir.write("wide.png", png_header(4294967295u, 3, 2)), "decompression bomb");
+  // Pillow's limit exactly: 178,956,970 pixels pass the check (stb_image then refuses the
+  // header-only file), one more is a bomb.
+  BOOST_TEST(clip::limits::kMaxImagePixels == 178'956'970);
+  const std::string at_limit = test::message_of([&] { decode(png_header(178'956'970u, 1, 2), "at_limit.png"); });
+  BOOST_TEST(at_limit.find("decompression bomb") == std::string::npos, at_limit);
+  BOOST_TEST(at_limit.find("corrupt or truncated PNG") != std::string::npos, at_limit);
+  expect_decode_error(dir.write("over.png", png_header(178'956'971u, 1, 2)), "decompression bomb");
+  expect_decode_error(dir.write("over.png", png_header(178'956'971u, 1, 2)), "limit of 178956970");
+}
+
+// Regression (found by tests/fuzz/fuzz_image): a 219-byte BMP claiming 4 x 16,711,684 pixels
+// decoded in 23 s into 267 MB of zeros (stb_image reads zeros past the end). Rows an
+// uncompressed BMP lacks make it truncated, as in Pillow; a file that lacks only the last
+// row's padding still decodes.
+BOOST_AUTO_TEST_CASE(a_bmp_shorter_than_its_rows_is_truncated) {
+  std::vector<uint8_t> tall = bmp_file(4, 1, 24, {}, {std::vector<uint8_t>(12, 7)});
+  tall[22] = 0x04, tall[23] = 0x00, tall[24] = 0xFF, tall[25] = 0x00;  // height 16,711,684
+  const std::string message = test::message_of([&] { decode(tall, "tall.bmp"); });
+  BOOST_TEST(message.find("'tall.bmp'") != std::string::npos, message);
+  BOOST_TEST(message.find("truncated BMP data: 4x16711684 pixels of 24 bits need 200540208 bytes") !=
+                 std::string::npos,
+             message);
+  std::vector<uint8_t> unpadded = bmp_file(3, 2, 24, {}, {std::vector<uint8_t>(9, 50), std::vector<uint8_t>(9, 90)});
+  unpadded.resize(unpadded.size() - 3);  // the first row in the file is the bottom one: 90s
+  const Image image = decode(unpadded, "unpadded.bmp");
+  BOOST_TEST((image.pixels == std::vector<uint8_t>{50, 50, 50, 50, 50, 50, 50, 50, 50, 90, 90, 90, 90, 90, 90, 90, 90, 90}));
+  unpadded.pop_back();
+  BOOST_TEST(test::message_of([&] { decode(unpadded, "short.bmp"); }).find("truncated BMP data") != std::string::npos);
+}
+
 BOOST_AUTO_TEST_CASE(clip_preprocess_program_matches_the_golden_tensors) {
   auto golden_path = test::golden_file("preprocess.safetensors");
   if (!golden_path) return;
@@ -396,6 +434,13 @@ BOOST_AUTO_TEST_CASE(clip_preprocess_program_matches_the_golden_tensors) {
   // A failure leaves an existing output as it was.
   BOOST_TEST(run(exe, {"--size", "224", "--out", out.string(), broken.string()}, dir.path / "log") == 1);
   BOOST_TEST(SafeTensors::open(out).entries().size() == 2u);
+  // The message is a sentence for the user; --verbose adds the source line that raised it.
+  const std::string plain = read_text(dir.path / "log");
+  BOOST_TEST(plain.find(".hpp:") == std::string::npos, plain);
+  BOOST_TEST(run(exe, {"--verbose", "--size", "224", "--out", failed_out.string(), broken.string()}, dir.path / "log") == 1);
+  const std::string verbose = read_text(dir.path / "log");
+  BOOST_TEST(verbose.find(broken.string()) != std::string::npos, verbose);
+  BOOST_TEST(verbose.find("image/decode.hpp:") != std::string::npos, verbose);
   size_t leftovers = 0;
   for (const auto& entry : fs::directory_iterator(dir.path))
     leftovers += entry.path().filename().string().find(".tmp") != std::string::npos;

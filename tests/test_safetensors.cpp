@@ -145,7 +145,21 @@ BOOST_AUTO_TEST_CASE(malformed_files_are_refused_with_a_reason) {
   const uint64_t big = uint64_t{1} << 40;
   std::memcpy(huge.data(), &big, 8);
   write_all(bad, huge);
-  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "implausibly large");
+  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "more than the limit of 100000000 bytes");
+  // The limit is the safetensors crate's: 100,000,000 bytes, one more is refused before it is read.
+  const uint64_t over = 100'000'001;
+  std::memcpy(huge.data(), &over, 8);
+  write_all(bad, huge);
+  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "more than the limit of 100000000 bytes");
+
+  // Element counts from the header are checked, not wrapped around (2^32 * 2^32 * 4 bytes would
+  // wrap to 0 in 64 bits); dimensions beyond 2^53 or fractional are not integers a double holds.
+  write_raw(bad, R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}})", 0);
+  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "'w'", "more elements than a 64-bit count holds");
+  write_raw(bad, R"({"w": {"dtype": "F32", "shape": [1e300], "data_offsets": [0, 8]}})", 8);
+  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "not a non-negative integer");
+  write_raw(bad, R"({"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 8]}})", 8);
+  CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "not a non-negative integer");
 
   write_raw(bad, R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})", 8);
   CHECK_ERROR(SafeTensors::open(bad), name.c_str(), "header is not JSON");

@@ -1,4 +1,5 @@
-// Errors: every failure is a clip::Error whose message names where it was raised and why.
+// Errors: every failure is a clip::Error whose message says, as a sentence for the user, what is
+// wrong; where() names the source line that raised it, for --verbose and debugging.
 #pragma once
 
 #include <sstream>
@@ -9,6 +10,13 @@ namespace clip {
 
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
+  Error(const std::string& message, std::string where) : std::runtime_error(message), where_(std::move(where)) {}
+
+  // "file:line" of the CLIP_FAIL that raised it; empty when unknown.
+  const std::string& where() const { return where_; }
+
+ private:
+  std::string where_;
 };
 
 namespace detail {
@@ -16,8 +24,7 @@ template <class... Parts>
 [[noreturn]] inline void fail(const char* file, int line, const Parts&... parts) {
   std::ostringstream message;
   (message << ... << parts);
-  message << " [" << file << ":" << line << "]";
-  throw Error(message.str());
+  throw Error(message.str(), std::string(file) + ":" + std::to_string(line));
 }
 }  // namespace detail
 

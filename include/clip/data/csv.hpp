@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 
 namespace clip::data {
 
@@ -75,10 +76,15 @@ inline std::vector<CsvRecord> parse_csv(std::string_view text, char separator, s
           }
           if (text[i] == '\n' || (text[i] == '\r' && !(i + 1 < text.size() && text[i + 1] == '\n'))) ++line;
           field += text[i++];
+          CLIP_CHECK(field.size() <= limits::kMaxCsvFieldBytes, "the CSV file '", name,
+                     "' has a field longer than the limit of ", limits::kMaxCsvFieldBytes,
+                     " bytes in the quoted field that starts on line ", opened, " (a quote left open?)");
         }
       }
       // Unquoted text, or what follows a closing quote, up to the separator or the line's end.
       while (i < text.size() && text[i] != separator && text[i] != '\n' && text[i] != '\r') field += text[i++];
+      CLIP_CHECK(field.size() <= limits::kMaxCsvFieldBytes, "the CSV file '", name, "' line ", line,
+                 " has a field longer than the limit of ", limits::kMaxCsvFieldBytes, " bytes");
       record.fields.push_back(field);
       if (i < text.size() && text[i] == separator) {
         ++i;

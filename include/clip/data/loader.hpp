@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 #include "clip/data/augment.hpp"
 #include "clip/data/csv.hpp"
 #include "clip/data/random.hpp"
@@ -221,6 +222,8 @@ class DataLoader {
       CLIP_CHECK(r.image.present, r.origin, ": record '", r.key, "' has no image");
       CLIP_CHECK(r.caption.present, r.origin, ": record '", r.key, "' has no caption");
       const std::vector<uint8_t> text_bytes = r.caption.take();
+      CLIP_CHECK(text_bytes.size() <= limits::kMaxCaptionBytes, r.caption.name, ": the caption has ", text_bytes.size(),
+                 " bytes, more than the limit of ", limits::kMaxCaptionBytes);
       const std::string_view caption(reinterpret_cast<const char*>(text_bytes.data()), text_bytes.size());
       const size_t bad = text::utf8::find_invalid(caption);
       CLIP_CHECK(bad == std::string_view::npos, r.caption.name, ": the caption is not valid UTF-8 (byte ", bad, ")");

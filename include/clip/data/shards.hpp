@@ -19,12 +19,11 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 
 namespace clip::data {
 
 namespace shards_detail {
-
-inline constexpr size_t kMaxExpansion = 10'000'000;
 
 struct Range {
   bool ok = false;
@@ -50,7 +49,7 @@ inline bool has_leading_zero(std::string_view s) {
 }
 
 // "A..B" or "A..B..STEP" with integers A, B (or single letters A, B and no step).
-inline Range parse_range(std::string_view body, std::string_view pattern) {
+inline Range parse_range(std::string_view body, std::string_view pattern, size_t max_names) {
   Range range;
   const size_t dots = body.find("..");
   if (dots == std::string_view::npos) return range;
@@ -69,8 +68,8 @@ inline Range parse_range(std::string_view body, std::string_view pattern) {
       step = std::llabs(step);
     }
     const uint64_t count = static_cast<uint64_t>(a < b ? b - a : a - b) / static_cast<uint64_t>(step) + 1;
-    CLIP_CHECK(count <= kMaxExpansion, "the range {", body, "} in the shard list '", pattern, "' has ", count,
-               " elements, more than the ", kMaxExpansion, " allowed");
+    CLIP_CHECK(count <= max_names, "the range {", body, "} in the shard list '", pattern, "' has ", count,
+               " elements, more than the limit of ", max_names);
     const size_t width = has_leading_zero(first) || has_leading_zero(last) ? std::max(first.size(), last.size()) : 0;
     range.items.reserve(count);
     for (uint64_t k = 0; k < count; ++k) {
@@ -97,7 +96,8 @@ inline Range parse_range(std::string_view body, std::string_view pattern) {
 }
 
 // The names s expands to; s is the part of `pattern` from character `offset` on (for messages).
-inline std::vector<std::string> expand(std::string_view s, std::string_view pattern, size_t offset) {
+inline std::vector<std::string> expand(std::string_view s, std::string_view pattern, size_t offset,
+                                       size_t max_names) {
   // The first top-level brace group, if any.
   size_t open = std::string_view::npos, close = std::string_view::npos;
   int depth = 0;
@@ -130,7 +130,7 @@ inline std::vector<std::string> expand(std::string_view s, std::string_view patt
   }
   std::vector<std::string> choices;
   if (alternatives.size() == 1) {
-    Range range = parse_range(body, pattern);
+    Range range = parse_range(body, pattern, max_names);
     CLIP_CHECK(range.ok, "the brace group {", body, "} at character ", offset + open + 1, " of the shard list '",
                pattern, "' is neither a comma list nor a range");
     choices = std::move(range.items);
@@ -139,13 +139,15 @@ inline std::vector<std::string> expand(std::string_view s, std::string_view patt
     for (std::string_view alternative : alternatives) {
       CLIP_CHECK(!alternative.empty(), "the brace group {", body, "} at character ", offset + open + 1,
                  " of the shard list '", pattern, "' has an empty element");
-      for (std::string& c : expand(alternative, pattern, at)) choices.push_back(std::move(c));
+      for (std::string& c : expand(alternative, pattern, at, max_names)) choices.push_back(std::move(c));
+      CLIP_CHECK(choices.size() <= max_names, "the shard list '", pattern, "' expands to more than the limit of ",
+                 max_names, " names");
       at += alternative.size() + 1;
     }
   }
-  const std::vector<std::string> rests = expand(s.substr(close + 1), pattern, offset + close + 1);
-  CLIP_CHECK(choices.size() * rests.size() <= kMaxExpansion, "the shard list '", pattern, "' expands to more than ",
-             kMaxExpansion, " names");
+  const std::vector<std::string> rests = expand(s.substr(close + 1), pattern, offset + close + 1, max_names);
+  CLIP_CHECK(!choices.empty() && rests.size() <= max_names / choices.size(), "the shard list '", pattern,
+             "' expands to more than the limit of ", max_names, " names");
   std::vector<std::string> out;
   out.reserve(choices.size() * rests.size());
   for (const std::string& c : choices)
@@ -155,14 +157,16 @@ inline std::vector<std::string> expand(std::string_view s, std::string_view patt
 
 }  // namespace shards_detail
 
-// One brace pattern's names, in order.
-inline std::vector<std::string> expand_braces(std::string_view pattern) {
+// One brace pattern's names, in order; more than max_names is an error.
+inline std::vector<std::string> expand_braces(std::string_view pattern,
+                                              size_t max_names = limits::kMaxShardListNames) {
   CLIP_CHECK(!pattern.empty(), "an empty shard pattern names no files");
-  return shards_detail::expand(pattern, pattern, 0);
+  return shards_detail::expand(pattern, pattern, 0, max_names);
 }
 
 // A "::"-separated list of brace patterns: every pattern's names, in order.
-inline std::vector<std::string> expand_shard_list(std::string_view spec) {
+inline std::vector<std::string> expand_shard_list(std::string_view spec,
+                                                  size_t max_names = limits::kMaxShardListNames) {
   CLIP_CHECK(!spec.empty(), "the shard list is empty");
   std::vector<std::string> names;
   size_t start = 0;
@@ -170,7 +174,9 @@ inline std::vector<std::string> expand_shard_list(std::string_view spec) {
     const size_t sep = spec.find("::", start);
     const std::string_view part = spec.substr(start, sep == std::string_view::npos ? spec.npos : sep - start);
     CLIP_CHECK(!part.empty(), "the shard list '", spec, "' has an empty element between '::' separators");
-    for (std::string& name : expand_braces(part)) names.push_back(std::move(name));
+    for (std::string& name : expand_braces(part, max_names)) names.push_back(std::move(name));
+    CLIP_CHECK(names.size() <= max_names, "the shard list '", spec, "' names more than the limit of ", max_names,
+               " files");
     if (sep == std::string_view::npos) break;
     start = sep + 2;
   }

@@ -37,7 +37,9 @@
 #include <system_error>
 #include <vector>
 
+#include "clip/core/checked_math.hpp"
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 
 namespace clip::data {
 
@@ -190,7 +192,9 @@ class TarReader {
       const int64_t body = at + kBlock;
 
       if (type == 'L' || type == 'x') {  // metadata for the next header: read it whole
-        if (*size > (int64_t{1} << 24)) return stop("the extended header at byte ", at, " is implausibly large");
+        if (*size > limits::kMaxTarExtendedHeaderBytes)
+          return stop("the extended header at byte ", at, " has ", *size, " bytes, more than the limit of ",
+                      limits::kMaxTarExtendedHeaderBytes);
         if (body + *size > size_) return stop("the archive ends inside the extended header at byte ", at, after_last());
         std::string text(static_cast<size_t>(*size), '\0');
         if (!read_at(body, text.data(), *size)) return stop("cannot read the extended header at byte ", at);
@@ -218,7 +222,9 @@ class TarReader {
           const std::string prefix = posix ? field_text(block + kPrefix, kPrefixLen) : std::string();
           if (!prefix.empty()) name = prefix + "/" + name;
         }
-        if (body + *size > size_)
+        // A size from a pax record can be anything up to 2^63 - 1: the sum is checked.
+        const std::optional<int64_t> end = checked_add(body, *size);
+        if (!end || *end > size_)
           return stop("member '", name, "' is cut short: its ", *size, " bytes from byte ", body,
                       " run past the end of the archive at byte ", size_);
         current_ = TarEntry{std::move(name), *size, body};
@@ -230,7 +236,13 @@ class TarReader {
       // Links, character/block devices, directories and FIFOs ('1'..'6') have no body; every
       // other type (GNU 'K' long link names, 'g' global pax headers, 'S' sparse files, vendor
       // types) has `size` bytes of it, which are skipped.
-      next_header_ = (type >= '1' && type <= '6') ? body : body + padded(*size);
+      if (type >= '1' && type <= '6') {
+        next_header_ = body;
+      } else {
+        // Past the end of the archive the next read reports it; the sum must not wrap first.
+        if (*size > size_) return stop("the header at byte ", at, after_last(), " gives a size past the end of the archive");
+        next_header_ = body + padded(*size);
+      }
       long_name.reset();
       pax_size.reset();
     }
@@ -239,6 +251,9 @@ class TarReader {
   // The body of the entry next() returned last.
   std::vector<uint8_t> read() {
     CLIP_CHECK(has_current_, "TarReader::read() needs an entry from next() first");
+    CLIP_CHECK(current_.size <= limits::kMaxTarMemberBytes, "member '", current_.name, "' of '", path_.string(),
+               "' has ", current_.size, " bytes, more than the limit of ", limits::kMaxTarMemberBytes,
+               " for one member read into memory");
     std::vector<uint8_t> bytes(static_cast<size_t>(current_.size));
     CLIP_CHECK(read_at(current_.offset, bytes.data(), current_.size), "cannot read member '", current_.name,
                "' of '", path_.string(), "': the archive is shorter than its header says (changed while read?)");

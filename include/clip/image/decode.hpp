@@ -27,8 +27,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -37,14 +37,16 @@
 #include <stb_image.h>
 #include <turbojpeg.h>
 
+#include "clip/core/checked_math.hpp"
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 #include "clip/image/image.hpp"
 
 namespace clip::image {
 
-// Pillow raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS (89,478,485): the
-// same limit here, checked against the header before any pixel memory is allocated.
-inline constexpr int64_t kMaxImagePixels = 2 * 89'478'485;
+// Pillow's decompression-bomb limit (core/limits.hpp), checked against the header before any
+// pixel memory is allocated.
+inline constexpr int64_t kMaxImagePixels = limits::kMaxImagePixels;
 
 namespace detail {
 
@@ -61,11 +63,13 @@ inline uint32_t le32(const uint8_t* p) {
 }
 inline uint16_t le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
+// Headers give up to 32 bits per side: their product is checked, as it can overflow even int64.
 inline void check_dimensions(std::string_view name, int64_t width, int64_t height) {
   if (width <= 0 || height <= 0) bad_image(name, "the header gives an empty size ", width, "x", height);
-  if (width * height > kMaxImagePixels)
-    bad_image(name, "the header claims ", width, "x", height, " = ", width * height,
-              " pixels, more than the ", kMaxImagePixels, " allowed (a decompression bomb?)");
+  const std::optional<int64_t> pixels = checked_mul(width, height);
+  if (!pixels || *pixels > kMaxImagePixels)
+    bad_image(name, "the header claims ", width, "x", height, " pixels, more than the limit of ", kMaxImagePixels,
+              " (Pillow's, against decompression bombs)");
 }
 
 // stb_image decodes to `channels` bytes per pixel: it drops or adds alpha and expands palettes
@@ -197,6 +201,20 @@ inline Image decode_bmp(std::span<const uint8_t> b, std::string_view name) {
   }
   if (height < 0) height = -height;  // top-down rows
   check_dimensions(name, width, height);
+  if (compression == 0 || compression == 3) {
+    // Uncompressed rows, each padded to 4 bytes (the last one's padding may be missing): a file
+    // shorter than them is truncated, as Pillow says. stb_image would read zeros past the end,
+    // so a few hundred bytes could stand for 60 megapixels (found by tests/fuzz/fuzz_image).
+    const int64_t row_bytes = (width * bits + 31) / 32 * 4, last_row = (width * bits + 7) / 8;
+    const std::optional<int64_t> rows = checked_mul(row_bytes, height - 1);
+    const int64_t pixels_at = le32(b.data() + 10);
+    const std::optional<int64_t> end =
+        rows ? checked_add(*rows + last_row, pixels_at) : std::nullopt;
+    if (!end || *end > static_cast<int64_t>(b.size()))
+      bad_image(name, "truncated BMP data: ", width, "x", height, " pixels of ", bits, " bits need ",
+                rows ? std::to_string(*rows + last_row) : std::string("more"), " bytes from byte ", pixels_at,
+                ", the file has ", b.size());
+  }
   Mode mode = Mode::RGB;
   if (bits <= 8) {
     const size_t colors = colors_used ? colors_used : size_t{1} << bits;
@@ -300,8 +318,8 @@ inline Image decode_jpeg(std::span<const uint8_t> b, std::string_view name) {
 // Decodes a JPEG, PNG, BMP or GIF (first frame) held in memory; `name` is what errors call it.
 inline Image decode(std::span<const uint8_t> bytes, std::string_view name = "<memory>") {
   if (bytes.empty()) detail::bad_image(name, "the file is empty");
-  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
-    detail::bad_image(name, "the file is larger than 2 GiB");
+  if (bytes.size() > static_cast<size_t>(limits::kMaxImageFileBytes))
+    detail::bad_image(name, "the file is larger than the limit of ", limits::kMaxImageFileBytes, " bytes");
   auto starts_with = [&](std::string_view magic) {
     return bytes.size() >= magic.size() && std::memcmp(bytes.data(), magic.data(), magic.size()) == 0;
   };
@@ -320,7 +338,8 @@ inline Image decode_file(const std::filesystem::path& path) {
   if (!in) detail::bad_image(name, "cannot open the file (", std::strerror(errno), ")");
   const std::streamoff size = in.tellg();
   if (size < 0) detail::bad_image(name, "cannot determine the file size");
-  if (size > std::numeric_limits<int>::max()) detail::bad_image(name, "the file is larger than 2 GiB");
+  if (size > limits::kMaxImageFileBytes)
+    detail::bad_image(name, "the file is larger than the limit of ", limits::kMaxImageFileBytes, " bytes");
   std::vector<uint8_t> bytes(static_cast<size_t>(size));
   in.seekg(0);
   if (!in.read(reinterpret_cast<char*>(bytes.data()), size)) detail::bad_image(name, "read error");

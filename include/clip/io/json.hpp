@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 #include "clip/text/utf8.hpp"
 
 namespace clip::json {
@@ -37,7 +38,8 @@ struct Value {
   // Integers are exact up to 2^53, which covers every offset a safetensors file can hold here.
   int64_t as_int() const {
     double d = as_number();
-    CLIP_CHECK(d == static_cast<double>(static_cast<int64_t>(d)), "JSON number ", d, " is not an integer");
+    // (range first: converting a double outside int64 is undefined behaviour)
+    CLIP_CHECK(d >= -0x1p63 && d < 0x1p63 && d == std::floor(d), "JSON number ", d, " is not a 64-bit integer");
     return static_cast<int64_t>(d);
   }
   const std::string& as_string() const { return get<std::string>("a string"); }
@@ -80,7 +82,7 @@ class Parser {
   }
 
  private:
-  static constexpr int kMaxDepth = 256;  // deeper nesting is rejected rather than overflowing the stack
+  static constexpr int kMaxDepth = limits::kMaxJsonDepth;
   std::string_view s_;
   size_t i_ = 0;
 
@@ -105,7 +107,8 @@ class Parser {
   }
 
   Value value(int depth) {
-    if (depth > kMaxDepth) error("nesting too deep");
+    if (depth > kMaxDepth)
+      CLIP_FAIL("invalid JSON at byte ", i_, ": arrays and objects nest deeper than the limit of ", kMaxDepth);
     char c = peek();
     if (c == '{') return Value{object(depth)};
     if (c == '[') return Value{array(depth)};

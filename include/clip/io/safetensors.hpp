@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -19,11 +20,14 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "clip/core/checked_math.hpp"
 #include "clip/core/error.hpp"
+#include "clip/core/limits.hpp"
 #include "clip/io/json.hpp"
 #include "clip/tensor/tensor.hpp"
 
@@ -124,6 +128,7 @@ class SafeTensors {
   void read_floats(const Entry& e, float* out) const {
     const unsigned char* p = data_ + e.begin;
     const int64_t n = shape_numel(e.shape);
+    if (n == 0) return;  // an empty tensor's `out` may be null, which memcpy must not be given
     switch (e.dtype) {
       case DType::F32: std::memcpy(out, p, n * 4); break;
       case DType::F64: for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(load<double>(p + 8 * i)); break;
@@ -161,7 +166,6 @@ class SafeTensors {
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
 
-  static constexpr uint64_t kMaxHeader = 100u << 20;  // headers of real checkpoints are well under 1 MiB
 
   template <class T>
   static T load(const unsigned char* p) {
@@ -195,7 +199,9 @@ class SafeTensors {
     const auto* bytes = static_cast<const unsigned char*>(map_->addr);
 
     const uint64_t header_size = load<uint64_t>(bytes);
-    if (header_size > kMaxHeader) bad("the header length ", header_size, " is implausibly large");
+    if (header_size > limits::kMaxSafetensorsHeaderBytes)
+      bad("the header length ", header_size, " is more than the limit of ", limits::kMaxSafetensorsHeaderBytes,
+          " bytes (the safetensors crate's)");
     if (8 + header_size > file_size)
       bad("the header length ", header_size, " runs past the end of the file (", file_size, " bytes): truncated?");
     data_ = bytes + 8 + header_size;
@@ -239,7 +245,9 @@ class SafeTensors {
       bad("tensor '", name, "' has unknown dtype ", dtype->is_string() ? dtype->as_string() : std::string("(not a string)"));
     if (!shape->is_array()) bad("tensor '", name, "' has a shape that is not a list");
     for (const json::Value& d : shape->as_array()) {
-      if (!d.is_number() || d.as_number() < 0 || d.as_number() != static_cast<double>(static_cast<int64_t>(d.as_number())))
+      // 2^53 bounds what a double holds exactly, and keeps the cast to int64 defined.
+      if (!d.is_number() || !(d.as_number() >= 0 && d.as_number() <= 0x1p53) ||
+          d.as_number() != std::floor(d.as_number()))
         bad("tensor '", name, "' has a dimension that is not a non-negative integer");
       e.shape.push_back(static_cast<int64_t>(d.as_number()));
     }
@@ -252,8 +260,12 @@ class SafeTensors {
           " bytes: truncated?");
     e.begin = static_cast<int64_t>(b);
     e.end = static_cast<int64_t>(end);
-    const double expected = static_cast<double>(shape_numel(e.shape)) * dtype_size(e.dtype);
-    if (expected != static_cast<double>(e.end - e.begin))
+    const std::optional<int64_t> numel = checked_product<int64_t>(e.shape);
+    const std::optional<int64_t> needed = numel ? checked_mul<int64_t>(*numel, dtype_size(e.dtype)) : std::nullopt;
+    if (!needed)
+      bad("tensor '", name, "' of shape ", shape_string(e.shape), " has more elements than a 64-bit count holds");
+    const int64_t expected = *needed;
+    if (expected != e.end - e.begin)
       bad("tensor '", name, "' of shape ", shape_string(e.shape), " and dtype ", dtype_name(e.dtype), " needs ",
           expected, " bytes but its data_offsets span ", e.end - e.begin);
     return e;

@@ -166,7 +166,9 @@ inline bool named_reference(std::string_view s, size_t& i, std::string& out) {
   size_t k = i + 1;
   int characters = 0;
   while (k < s.size() && characters < 32 && !ends_name(s[k])) {
-    utf8::next(s, k);
+    // step() never reads past the end, even where the text is not UTF-8 (found by
+    // tests/fuzz/fuzz_bpe_tokenizer: utf8::next ran past a sequence cut short at the end)
+    k += utf8::step(s, k).length;
     ++characters;
   }
   if (characters == 0) return false;

@@ -125,8 +125,9 @@ std::vector<CheckpointTensor> checkpoint_tensors(Params& model, Params& adam_m, 
     if constexpr (is_counter_v<T>) out.push_back({"model." + name, {}, nullptr, &t.value});
     else out.push_back({"model." + name, Shape(T::shape.begin(), T::shape.end()), t.data(), nullptr});
   });
-  for (auto [prefix, moments] : {std::pair{"adam.m.", &adam_m}, std::pair{"adam.v.", &adam_v}})
-    for_each_tensor(*moments, [&](const std::string& name, auto& t, Role role) {
+  // (pairs, not a structured binding: clang 14, which builds the fuzzers, cannot capture one)
+  for (const auto& moments : {std::pair{"adam.m.", &adam_m}, std::pair{"adam.v.", &adam_v}})
+    for_each_tensor(*moments.second, [&, prefix = moments.first](const std::string& name, auto& t, Role role) {
       using T = std::remove_cvref_t<decltype(t)>;
       if constexpr (!is_counter_v<T>)
         if (role == Role::parameter) out.push_back({prefix + name, Shape(T::shape.begin(), T::shape.end()), t.data(), nullptr});
