@@ -484,7 +484,7 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, b
     gemm_fp32(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
     return;
   }
-  if (cpu_isa() == CpuIsa::amx && b.layout != Layout::packed)
+  if (CLIP_GEMM_HAS_AMX && cpu_isa() == CpuIsa::amx && b.layout != Layout::packed)  // not under nvcc
     gemm_bf16_tiles(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
   else
     gemm_bf16_rounded(m, n, k, x, ldx, x_transposed, b, y, ldy, accumulate);
