@@ -4,6 +4,7 @@
 //
 //   clip-train --model NAME --train-data SOURCES --batch-size B (--steps N | --epochs E) --output DIR
 //   clip-train --resume latest --output DIR
+//   mpirun -np N clip-train ...     data parallel over N processes (built with MPI)
 //
 // Exit status: 0 done, 1 bad input or a diverged run, 2 bad arguments, 130 interrupted (SIGINT or
 // SIGTERM; a checkpoint is written first).
@@ -19,6 +20,7 @@
 #include <exception>
 #include <filesystem>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -31,6 +33,11 @@
 #include "clip/config/names.hpp"
 #include "clip/core/error.hpp"
 #include "clip/data/loader.hpp"
+#include "clip/dist/communicator.hpp"
+#include "clip/dist/step_traffic.hpp"
+#if CLIP_WITH_MPI
+#include "clip/dist/mpi_communicator.hpp"
+#endif
 #include "clip/eval/zero_shot.hpp"
 #include "clip/io/folder_lock.hpp"
 #include "clip/io/json.hpp"
@@ -68,9 +75,10 @@ constexpr const char* kUsage =
     "  weights.safetensors            the final weights under OpenAI's names, for clip-embed and\n"
     "                                 clip-zeroshot\n"
     "\n"
-    "Ctrl-C (or SIGTERM) writes a checkpoint at the end of the current step and exits with status\n"
-    "130; --resume latest continues the run exactly (the same batches, the same losses). A loss or\n"
-    "gradient that is NaN or infinite stops the run (status 1) and keeps the last checkpoint.\n"
+    "Ctrl-C (or SIGTERM; under mpirun, SIGUSR1 to mpirun) writes a checkpoint at the end of the\n"
+    "current step and exits with status 130; --resume latest continues the run exactly (the same\n"
+    "batches, the same losses). A loss or gradient that is NaN or infinite stops the run (status 1)\n"
+    "and keeps the last checkpoint.\n"
     "\n"
     "model and data:\n"
     "  --model NAME            the variant: an official one in OpenAI's or open_clip's spelling\n"
@@ -111,6 +119,15 @@ constexpr const char* kUsage =
     "  --recompute             activation recomputation: keep only each block's input, re-run the\n"
     "                          block in backward (less memory, ~1/3 more compute)\n"
     "  --workers N             data-loading threads (default 2)\n"
+    "\n"
+    "many processes (mpirun -np N clip-train ..., or srun): each step's batch is split across the\n"
+    "processes and the step equals the one-process step (the same pairs, losses and weights, to\n"
+    "rounding), so a run does not depend on the number of processes and resumes with any number.\n"
+    "Rank 0 alone prints and writes files.\n"
+    "  --sync-bn               a ResNet's BatchNorm statistics over the whole batch (default: each\n"
+    "                          process's own, as PyTorch DDP)\n"
+    "  --zero1                 shard AdamW's moments across the processes (ZeRO-1): less memory\n"
+    "                          per process, the same bytes moved, the same steps\n"
     "\n"
     "output, checkpoints and evaluation:\n"
     "  --output DIR            where everything is written (created if missing)\n"
@@ -153,7 +170,7 @@ struct Arguments {
   int64_t micro_batch = 0, checkpoint_every = 1000, keep_checkpoints = 2, stop_at = 0, zeroshot_every = 0,
           zeroshot_batch = 256, log_every = 0;
   int workers = 2;
-  bool recompute = false, quiet = false, help = false;
+  bool recompute = false, quiet = false, help = false, sync_bn = false, zero1 = false;
   cli::DeviceChoice device;
 };
 
@@ -202,6 +219,8 @@ Arguments parse(int argc, char** argv) {
     else if (r.flag("--help") || r.flag("-h")) a.help = true;
     else if (r.flag("--quiet")) a.quiet = true;
     else if (r.flag("--recompute")) a.recompute = true;
+    else if (r.flag("--sync-bn")) a.sync_bn = true;
+    else if (r.flag("--zero1")) a.zero1 = true;
     else if (auto v = r.option("--device")) a.device.device = cli::parse_device_option(*v);
     else if (auto v = r.option("--precision")) a.device.requested_precision = cli::parse_precision_option(*v);
     else if (r.flag("--no-augment")) a.augment = false;
@@ -405,6 +424,9 @@ void install_stop_handlers() {
   action.sa_flags = SA_RESTART | SA_RESETHAND;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
+  // mpirun forwards SIGUSR1 to every rank and leaves them running (on SIGTERM it kills them a
+  // second later, too soon for a checkpoint): `kill -USR1 <mpirun>` stops a parallel run cleanly.
+  sigaction(SIGUSR1, &action, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -574,21 +596,45 @@ int64_t count_training_records(const RunOptions& o) {
   return n;
 }
 
+// The data-parallel plan, printed at start: processes, the batch per rank, and what a step moves.
+template <class Cfg>
+void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
+  const int world = comm.size();
+  const clip::dist::Slice first = clip::dist::batch_slice(batch, world, 0);
+  const clip::dist::Slice last = clip::dist::batch_slice(batch, world, world - 1);
+  const clip::dist::StepTraffic t = clip::dist::step_traffic(clip::dims<Cfg>::parameters, Cfg::embed_dim, batch, world);
+  std::printf("%s: %s; %lld pairs per step, %lld%s per rank; logits per rank [%lld, %lld]\n", kProgram,
+              comm.describe().c_str(), static_cast<long long>(batch), static_cast<long long>(first.rows),
+              first.rows == last.rows ? "" : (" or " + std::to_string(last.rows)).c_str(),
+              static_cast<long long>(first.rows), static_cast<long long>(batch));
+  std::printf("%s: per step and rank: features %s gathered, feature gradients %s, parameter gradients %s "
+              "(ZeRO-1 would move the same, and hold AdamW moments of %s instead of %s)\n",
+              kProgram, bytes_text(t.feature_bytes).c_str(), bytes_text(t.feature_grad_bytes).c_str(),
+              bytes_text(t.gradient_bytes).c_str(), bytes_text(t.sharded_moment_bytes).c_str(),
+              bytes_text(t.moment_bytes).c_str());
+}
+
 template <class Cfg, clip::Device D>
 int train(const Arguments& args, const RunOptions& run, const std::optional<clip::CheckpointInfo>& resumed,
-          const fs::path& resume_path, const char* argv0) {
+          const fs::path& resume_path, const char* argv0, clip::dist::Communicator& comm) {
   using Trainer = clip::Trainer<Cfg, D>;
   constexpr int R = Cfg::image_resolution, T = Cfg::context_length;
   const fs::path out = args.output;
-  const bool tty = isatty(2);
+  const bool lead = comm.rank() == 0;  // rank 0 alone prints and writes files
+  const bool tty = isatty(2) && lead;
+  const bool quiet = args.quiet || !lead;
+  const clip::dist::Slice slice = clip::dist::batch_slice(run.batch, comm.size(), comm.rank());
 
   // What the run costs, before anything large is allocated.
   const int64_t micro = args.micro_batch ? args.micro_batch : run.batch;
   const int64_t params = clip::dims<Cfg>::parameters;
   const double state_bytes = 4.0 * sizeof(float) * params;  // weights, gradients, two AdamW moments
+  const int64_t rank_micro = std::min(micro, slice.rows);
   std::printf("%s: %s parameters; weights, gradients and AdamW moments %s; activations of a step (%lld pairs%s) %s\n",
-              Cfg::name, grouped(params).c_str(), bytes_text(state_bytes).c_str(), static_cast<long long>(micro),
-              args.recompute ? ", recomputed" : "", bytes_text(double(Trainer::activation_bytes(micro, args.recompute))).c_str());
+              Cfg::name, grouped(params).c_str(), bytes_text(state_bytes).c_str(), static_cast<long long>(rank_micro),
+              args.recompute ? ", recomputed" : "",
+              bytes_text(double(Trainer::activation_bytes(rank_micro, args.recompute))).c_str());
+  if (comm.size() > 1) print_parallel_plan<Cfg>(comm, run.batch);
   std::fflush(stdout);
 
   const clip::text::BpeTokenizer tokenizer(args.vocab ? fs::path(*args.vocab)
@@ -620,12 +666,37 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   options.recompute = args.recompute;
   if (!args.init.empty()) model.load(args.init);
   else clip::init_params<Cfg>(model.params(), run.seed);
-  Trainer trainer(model.params(), options, args.device.precision());
+  options.sync_batchnorm = args.sync_bn;
+  options.zero1 = args.zero1;
+  Trainer trainer = [&] {
+    if constexpr (D == clip::Device::cuda) {
+      CLIP_CHECK(comm.size() == 1 && !args.zero1,
+                 "--device cuda trains in one process; several processes (and --zero1) train on the CPU");
+      return Trainer(model.params(), options, args.device.precision());
+    } else {
+      return Trainer(model.params(), options, &comm, args.device.precision());
+    }
+  }();
   // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
   // the final weights read the host copy, brought up to date first.
   auto to_host = [&] {
     if constexpr (D == clip::Device::cuda) trainer.download();
   };
+  // The whole optimizer state (with --zero1 gathered from the ranks: every rank calls it).
+  auto optimizer_state = [&]() -> auto& {
+    if constexpr (D == clip::Device::cuda) return trainer.optimizer();
+    else return trainer.optimizer_state();
+  };
+  auto release_optimizer_state = [&] {
+    if constexpr (D == clip::Device::cpu) trainer.release_optimizer_state();
+  };
+  if constexpr (D == clip::Device::cpu) {
+    if (comm.size() > 1 || args.zero1)
+      std::printf("%s: AdamW state per rank %s%s\n", kProgram, bytes_text(4.0 * trainer.optimizer_floats()).c_str(),
+                  args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
+                                " ranks; unsharded " + bytes_text(8.0 * params) + ")").c_str()
+                             : "");
+  }
 
   clip::CheckpointInfo info;
   info.variant = Cfg::name;
@@ -634,7 +705,9 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   saved_run.steps = total;
   info.options = saved_run.to_json();
   if (resumed) {
-    const clip::CheckpointInfo loaded = clip::load_checkpoint(resume_path, model.params(), trainer.optimizer(), Cfg::name);
+    const clip::CheckpointInfo loaded = clip::load_checkpoint(resume_path, model.params(), optimizer_state(), Cfg::name);
+    if constexpr (D == clip::Device::cpu) trainer.scatter_optimizer_state();
+    release_optimizer_state();
     info.step = loaded.step;
     info.epoch = loaded.epoch;
     info.samples = loaded.samples;
@@ -644,27 +717,35 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
                 static_cast<long long>(info.step), static_cast<long long>(total));
   }
 
-  fs::create_directories(out);
-  const clip::io::FolderLock output_lock(out);  // a second run on the same --output is refused
-  clip::MetricsLog metrics(out / "metrics.jsonl", resumed ? std::optional<int64_t>(info.step) : std::nullopt);
+  if (lead) fs::create_directories(out);
+  std::optional<clip::io::FolderLock> output_lock;  // a second run on the same --output is refused
+  if (lead) output_lock.emplace(out);
+  std::optional<clip::MetricsLog> metrics;
+  if (lead) metrics.emplace(out / "metrics.jsonl", resumed ? std::optional<int64_t>(info.step) : std::nullopt);
   const std::string chart_title = std::string(Cfg::name) + " contrastive pretraining";
-  auto write_chart = [&] { cli::write_file_atomically(out / "curves.svg", metrics.curves().svg(chart_title, total)); };
+  auto write_chart = [&] {
+    if (lead) cli::write_file_atomically(out / "curves.svg", metrics->curves().svg(chart_title, total));
+  };
   fs::path last_checkpoint = resumed ? resume_path : fs::path();
   auto checkpoint = [&] {
+    auto& state = optimizer_state();
+    if (!lead) return release_optimizer_state();
     to_host();
-    info.optimizer_steps = trainer.optimizer().steps();
+    info.optimizer_steps = state.steps();
     const fs::path path = clip::checkpoint_path(out, info.step);
-    clip::save_checkpoint(path, model.params(), trainer.optimizer(), info);
+    clip::save_checkpoint(path, model.params(), state, info);
+    release_optimizer_state();
     clip::prune_checkpoints(out, static_cast<size_t>(args.keep_checkpoints));
     last_checkpoint = path;
   };
-  auto run_zeroshot = [&] {
+  auto run_zeroshot = [&] {  // on rank 0; the others wait at the next collective
+    if (!lead) return;
     to_host();
     clip::ZeroShotMetrics m = evaluate(model, tokenizer, *zeroshot, args, run.seed);
     m.step = info.step;
     m.epoch = info.epoch;
     m.elapsed_s = info.elapsed_s;
-    metrics.write(m);
+    metrics->write(m);
     write_chart();
     std::printf("%s: step %lld: zero-shot top-1 %.2f%%, top-5 %.2f%% on %lld images (%.1f s)\n", kProgram,
                   static_cast<long long>(info.step), 100 * m.top1, 100 * m.top5, static_cast<long long>(m.images),
@@ -693,15 +774,25 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   double train_seconds = 0;  // this process's time in steps (not evaluations), for the ETA
   auto last_draw = std::chrono::steady_clock::time_point{};
 
-  while (info.step < stop && !g_stop_signal) {
+  // A signal stops every rank at the same step: the ranks sum their flags before each step.
+  auto stop_requested = [&] {
+    double flag = g_stop_signal ? 1.0 : 0.0;
+    comm.all_reduce_sum(&flag, 1);
+    if (flag > 0 && !g_stop_signal) g_stop_signal = SIGTERM;
+    return flag > 0;
+  };
+  while (info.step < stop && !stop_requested()) {
     const auto t0 = std::chrono::steady_clock::now();
     std::optional<clip::data::Batch> batch = loader.next();
     CLIP_CHECK(batch && batch->size == run.batch, "the training data ran out of samples");
     clip::StepResult r;
     try {
-      r = trainer.step(batch->images.data(), batch->tokens.data());
+      // Every rank reads the whole batch (a skipped record shifts the rows after it, so the
+      // rows are only known once every record is read) and trains on its slice.
+      r = trainer.step(batch->images.data() + slice.first * 3 * R * R, batch->tokens.data() + slice.first * T);
     } catch (const clip::Error& e) {
-      if (tty && !args.quiet) std::fputc('\n', stderr);
+      if (!lead) return 1;  // every rank fails alike (the values checked are sums); rank 0 says why
+      if (tty && !quiet) std::fputc('\n', stderr);
       write_chart();
       std::fprintf(stderr, "%s: training stopped at step %lld of %lld: the loss or the gradients are not finite "
                    "(NaN or Inf); try a lower --lr or --grad-clip\n%s: %s\n",
@@ -729,14 +820,15 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     m.grad_norm = r.grad_norm;
     m.samples_per_s = run.batch / seconds;
     m.elapsed_s = info.elapsed_s;
-    metrics.write(m);
+    m.world_size = comm.size();
+    if (lead) metrics->write(m);
     info.epoch = position.epoch;
     info.samples = position.samples;
 
     // Progress: redrawn on a terminal, a line every log_every steps in a log.
     const int64_t done_here = info.step - first_step;
     const double eta = (total - info.step) * (train_seconds / done_here);
-    if (!args.quiet && (tty ? (t1 - last_draw > std::chrono::milliseconds(100) || info.step == stop)
+    if (!quiet && (tty ? (t1 - last_draw > std::chrono::milliseconds(100) || info.step == stop)
                             : (info.step % log_every == 0 || info.step == stop))) {
       last_draw = t1;
       std::fprintf(stderr, "%s%s: step %lld/%lld  loss %.4f  temp %.2f  lr %.3g  %.1f samples/s  ETA %s%s", tty ? "\r" : "",
@@ -744,20 +836,20 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
                    r.lr, done_here * run.batch / train_seconds, duration_text(eta).c_str(), tty ? "\x1b[K" : "\n");
       std::fflush(stderr);
     }
-    if (!tty && !args.quiet && info.step % log_every == 0) write_chart();
+    if (!tty && !quiet && info.step % log_every == 0) write_chart();
 
     const bool at_end = info.step == total;
     if (zeroshot && args.zeroshot_every && info.step % args.zeroshot_every == 0 && !at_end) {
-      if (tty && !args.quiet) std::fputc('\n', stderr);
+      if (tty && !quiet) std::fputc('\n', stderr);
       run_zeroshot();
     }
     if (args.checkpoint_every && info.step % args.checkpoint_every == 0 && info.step != stop) checkpoint();
   }
-  if (tty && !args.quiet) std::fputc('\n', stderr);
+  if (tty && !quiet) std::fputc('\n', stderr);
 
   // Damaged data is skipped, never fatal; say how much, and why, once.
   const clip::data::DataStats stats = loader.stats();
-  if (stats.skipped || stats.truncated_shards || stats.unreadable_shards) {
+  if (lead && (stats.skipped || stats.truncated_shards || stats.unreadable_shards)) {
     std::fprintf(stderr, "%s: skipped %lld unusable samples; %lld shards were cut short or corrupt, %lld unreadable\n",
                  kProgram, static_cast<long long>(stats.skipped), static_cast<long long>(stats.truncated_shards),
                  static_cast<long long>(stats.unreadable_shards));
@@ -770,7 +862,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     checkpoint();
     write_chart();
     if (g_stop_signal) {
-      std::fprintf(stderr, "%s: interrupted after step %lld of %lld; checkpoint '%s' written; continue with --resume latest\n",
+      if (lead) std::fprintf(stderr, "%s: interrupted after step %lld of %lld; checkpoint '%s' written; continue with --resume latest\n",
                    kProgram, static_cast<long long>(info.step), static_cast<long long>(total), last_checkpoint.c_str());
       return 130;
     }
@@ -780,7 +872,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   }
 
   checkpoint();
-  clip::save_state_dict(model.params(), out / "weights.safetensors",
+  if (lead) clip::save_state_dict(model.params(), out / "weights.safetensors",
                         {{"model", Cfg::name}, {"step", std::to_string(info.step)}, {"format", "clip weights"}});
   if (zeroshot) run_zeroshot();
   write_chart();
@@ -792,31 +884,64 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under mpirun the ranks are data-parallel processes; a plain run is one process without MPI.
+  std::unique_ptr<clip::dist::Communicator> comm;
+#if CLIP_WITH_MPI
+  std::optional<clip::dist::MpiSession> mpi;
+  try {
+    mpi.emplace();
+    comm = mpi->communicator();
+  } catch (const std::exception& e) {
+    return cli::failure(kProgram, e.what());
+  }
+#else
+  if (clip::dist::launched_by_mpi())
+    std::fprintf(stderr, "%s: started by an MPI launcher, but built without MPI: every process trains alone\n",
+                 kProgram);
+  comm = std::make_unique<clip::dist::LocalCommunicator>();
+#endif
+  const int rank = comm->rank(), world = comm->size();
+  if (rank != 0) (void)std::freopen("/dev/null", "w", stdout);
   return cli::run_program(kProgram, kUsage, argc, argv, parse, [&](const Arguments& args) -> int {
-    std::optional<clip::CheckpointInfo> resumed;
-    fs::path resume_path;
-    if (!args.resume.empty()) {
-      resume_path = args.resume == "latest" ? clip::latest_checkpoint(args.output) : fs::path(args.resume);
-      resumed = clip::read_checkpoint_info(resume_path);
-    }
-    RunOptions run;
     try {
-      run = merge_options(args, resumed ? &*resumed : nullptr, resume_path.string());
-    } catch (const cli::UsageError& e) {
-      return cli::usage_error(kProgram, e.message);
-    }
-    if (resumed && args.model && !clip::same_variant_name(*args.model, resumed->variant))
-      return cli::usage_error(kProgram, "--model " + *args.model + " differs from the checkpoint's " + resumed->variant);
-    const std::string model = resumed ? resumed->variant : run.model;
-    try {
-      cli::check_model_name(model);
-    } catch (const cli::UsageError& e) {
-      return cli::usage_error(kProgram, e.message);
-    }
-    return cli::with_built_variant(model, [&]<class Cfg>(Cfg) {
-      return cli::with_device(args.device.device, [&]<clip::Device D>() {
-        return train<Cfg, D>(args, run, resumed, resume_path, argv[0]);
+      std::optional<clip::CheckpointInfo> resumed;
+      fs::path resume_path;
+      if (!args.resume.empty()) {
+        resume_path = args.resume == "latest" ? clip::latest_checkpoint(args.output) : fs::path(args.resume);
+        resumed = clip::read_checkpoint_info(resume_path);
+      }
+      RunOptions run;
+      try {
+        run = merge_options(args, resumed ? &*resumed : nullptr, resume_path.string());
+      } catch (const cli::UsageError& e) {
+        return cli::usage_error(kProgram, e.message);
+      }
+      if (resumed && args.model && !clip::same_variant_name(*args.model, resumed->variant))
+        return cli::usage_error(kProgram, "--model " + *args.model + " differs from the checkpoint's " + resumed->variant);
+      const std::string model = resumed ? resumed->variant : run.model;
+      try {
+        cli::check_model_name(model);
+      } catch (const cli::UsageError& e) {
+        return cli::usage_error(kProgram, e.message);
+      }
+      // Every rank must run the same job: refused before step 1 when they differ.
+      clip::dist::check_agreement(*comm,
+                                  "variant " + model + ", options " + json::dump(json::Value{run.to_json()}) +
+                                      ", from step " + std::to_string(resumed ? resumed->step : 0) +
+                                      ", micro-batch " + std::to_string(args.micro_batch) +
+                                      (args.sync_bn ? ", --sync-bn" : "") + (args.zero1 ? ", --zero1" : ""),
+                                  "the run (variant, batch, seed, data, schedule)");
+      return cli::with_built_variant(model, [&]<class Cfg>(Cfg) {
+        return cli::with_device(args.device.device, [&]<clip::Device D>() {
+          return train<Cfg, D>(args, run, resumed, resume_path, argv[0], *comm);
+        });
       });
-    });
+    } catch (const std::exception& e) {
+      if (world == 1) throw;
+      // One rank's error would leave the others waiting in a collective: end the whole job.
+      std::fprintf(stderr, "%s: rank %d of %d: %s\n", kProgram, rank, world, e.what());
+      comm->abort(1);
+      return 1;  // not reached
+    }
   });
 }

@@ -17,7 +17,8 @@
 # The schedule can be changed through the environment: FMNIST_EPOCHS, FMNIST_BATCH, FMNIST_LR,
 # FMNIST_WD, FMNIST_WARMUP (steps), FMNIST_SHIFT (pixels), FMNIST_SEED; FMNIST_CURVE=1 also
 # evaluates after every epoch (each evaluation adds its seconds to the run); FMNIST_DATA and
-# FMNIST_RUN move the two folders.
+# FMNIST_RUN move the two folders. FMNIST_RANKS=N trains data parallel under `mpirun -np N`
+# (one thread each unless OMP_NUM_THREADS is set): the same pairs per step as one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,14 @@ if [[ "${FMNIST_CURVE:-0}" == 1 ]]; then curve=(--zeroshot-every "$steps_per_epo
 rm -rf "$run"
 mkdir -p "$run"
 start=$(now)
-OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} stdbuf -oL "$build/examples/clip-train" \
+launcher=()
+ranks=${FMNIST_RANKS:-1}
+if ((ranks > 1)); then
+  launcher=(mpirun -np "$ranks" --oversubscribe --bind-to none -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+            -x OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}")
+  if ((EUID == 0)); then launcher+=(--allow-run-as-root); fi
+fi
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} stdbuf -oL "${launcher[@]}" "$build/examples/clip-train" \
   --model fmnist-vit --train-data "$train" \
   --batch-size "$batch" --epochs "$epochs" --lr "$lr" --wd "$wd" --warmup "$warmup" --seed "$seed" \
   --min-crop-scale 1 --max-shift "$max_shift" \

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -14,6 +15,18 @@
 #include "clip/train/adamw_math.hpp"
 
 namespace clip::test {
+
+// name -> values of every float tensor with the given role.
+using TensorValues = std::map<std::string, std::vector<float>>;
+template <class Params>
+TensorValues tensor_values(const Params& params, clip::Role wanted = clip::Role::parameter) {
+  TensorValues out;
+  clip::for_each_tensor(params, [&](const std::string& name, const auto& t, clip::Role role) {
+    if constexpr (!clip::is_counter_v<decltype(t)>)
+      if (role == wanted) out[name] = std::vector<float>(t.values.begin(), t.values.end());
+  });
+  return out;
+}
 
 template <class Params>
 std::vector<float> flatten(const Params& p) {

@@ -74,6 +74,7 @@ class RunningProgram {
   RunningProgram& operator=(const RunningProgram&) = delete;
 
   void signal(int sig) const { kill(pid_, sig); }
+  pid_t pid() const { return pid_; }
 
   ProgramResult wait() {
     int status = 0;

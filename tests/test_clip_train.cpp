@@ -498,3 +498,170 @@ BOOST_AUTO_TEST_CASE(a_second_run_on_the_same_output_is_refused) {
   BOOST_TEST(r.status == 0, r.err);
   BOOST_TEST(metrics(out).train.size() == 3u);
 }
+// ---------------------------------------------------------------------------------------------
+// clip-train under mpirun (CLIP_MPIRUN: meson passes it where Open MPI is found): two ranks give
+// the one-process run's losses and weights; a run checkpointed at W = 2 resumes at W = 1; a killed
+// rank ends the job quickly with its checkpoint intact; ranks that disagree are refused.
+
+BOOST_AUTO_TEST_SUITE(clip_train_mpi)
+
+namespace {
+
+bool have_mpirun() {
+  if (const char* p = std::getenv("CLIP_MPIRUN"); p && *p) return true;
+  BOOST_TEST_MESSAGE("SKIPPED: CLIP_MPIRUN is not set (built without Open MPI)");
+  return false;
+}
+
+// mpirun's arguments for `ranks` processes of one thread each, then clip-train's own.
+std::vector<std::string> mpi_args(int ranks, const std::vector<std::string>& args) {
+  std::vector<std::string> a{"--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1",
+                             "-np", std::to_string(ranks), std::getenv("CLIP_TRAIN_PROGRAM")};
+  a.insert(a.end(), args.begin(), args.end());
+  return a;
+}
+
+struct MpiRun : clip::test::RunningProgram {
+  MpiRun(int ranks, const std::vector<std::string>& args) : RunningProgram("CLIP_MPIRUN", mpi_args(ranks, args)) {}
+};
+
+// max |a - b| over every tensor of two safetensors files with the same names, except the key part
+// of the attentions' in_proj_bias: its gradient is zero analytically and rounding noise in
+// practice, which AdamW's normalisation turns into updates of any size up to lr (checked by
+// test_distributed_step to lr per step).
+double max_tensor_diff(const fs::path& a, const fs::path& b) {
+  const clip::SafeTensors x = clip::SafeTensors::open(a), y = clip::SafeTensors::open(b);
+  BOOST_TEST_REQUIRE((x.names() == y.names()));
+  double d = 0;
+  for (const std::string& name : x.names()) {
+    const clip::Tensor s = x.tensor(name), t = y.tensor(name);
+    const size_t n = s.values.size();
+    for (size_t i = 0; i < n; ++i)
+      if (!name.ends_with("in_proj_bias") || i < n / 3 || i >= 2 * n / 3)
+        d = std::max(d, double(std::abs(s.values[i] - t.values[i])));
+  }
+  return d;
+}
+
+// Per step, |loss_a - loss_b| / loss_a, the largest.
+double max_loss_diff(const Metrics& a, const Metrics& b) {
+  double d = 0;
+  for (const auto& [step, x] : a.train) {
+    BOOST_TEST_REQUIRE(b.train.count(step), "step " << step);
+    d = std::max(d, std::abs(x["loss"].as_number() - b.train.at(step)["loss"].as_number()) / x["loss"].as_number());
+  }
+  return d;
+}
+
+}  // namespace
+
+// 8 steps (across an epoch boundary) at W = 2 = at W = 1; 4 steps at W = 2, resumed at W = 1 to
+// step 8, = W = 2 straight.
+BOOST_AUTO_TEST_CASE(two_processes_equal_one_and_resume_with_one) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  const std::string one = dir / "one", two = dir / "two", sliced = dir / "sliced";
+  Result r = train(data().args(one, {"--steps", "8", "--checkpoint-every", "0"}));
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+  r = MpiRun(2, data().args(two, {"--steps", "8", "--checkpoint-every", "0"})).wait();
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+  BOOST_TEST(contains(r.out, "MPI, 2 processes; 8 pairs per step, 4 per rank; logits per rank [4, 8]"), r.out);
+  BOOST_TEST(contains(r.out, "per step and rank: features"), r.out);
+  r = MpiRun(2, data().args(sliced, {"--steps", "8", "--stop-at", "4", "--checkpoint-every", "0"})).wait();
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+  r = train({"--resume", "latest", "--output", sliced, "--quiet", "--checkpoint-every", "0"});
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+
+  const Metrics a = metrics(one), b = metrics(two), c = metrics(sliced);
+  BOOST_TEST_REQUIRE(a.train.size() == 8u);
+  BOOST_TEST(b.train_lines == 8u, "rank 0 alone writes the metrics");
+  BOOST_TEST(b.train.at(1)["world_size"].as_number() == 2);
+  BOOST_TEST(c.train.at(4)["world_size"].as_number() == 2);
+  BOOST_TEST(c.train.at(5)["world_size"].as_number() == 1);
+  const double losses = max_loss_diff(a, b), resumed = max_loss_diff(b, c);
+  const double weights = max_tensor_diff(fs::path(one) / "weights.safetensors", fs::path(two) / "weights.safetensors");
+  const double resumed_weights =
+      max_tensor_diff(fs::path(two) / "weights.safetensors", fs::path(sliced) / "weights.safetensors");
+  BOOST_TEST_MESSAGE("W = 2 vs W = 1, 8 steps: losses " << losses << " relative, weights " << weights
+                     << "; W = 2 to step 4 then W = 1 vs W = 2: losses " << resumed << ", weights " << resumed_weights);
+  BOOST_TEST(losses <= 1e-5);
+  BOOST_TEST(resumed <= 1e-5);
+  BOOST_TEST(weights <= 1e-5);
+  BOOST_TEST(resumed_weights <= 1e-5);
+}
+
+// A rank killed mid-run: mpirun ends the job, non-zero, within 30 s, naming the rank; the last
+// checkpoint reads back.
+BOOST_AUTO_TEST_CASE(a_killed_rank_ends_the_job) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  const std::string out = dir / "out";
+  MpiRun run(2, data().args(out, {"--steps", "100000", "--checkpoint-every", "2"}));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(clip::checkpoint_path(out, 4)) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  BOOST_TEST_REQUIRE(fs::exists(clip::checkpoint_path(out, 4)), "no checkpoint within 2 minutes");
+  // The ranks are mpirun's children; kill the last one.
+  std::string children = slurp("/proc/" + std::to_string(run.pid()) + "/task/" + std::to_string(run.pid()) + "/children");
+  std::istringstream in(children);
+  std::vector<pid_t> pids;
+  for (pid_t p; in >> p;) pids.push_back(p);
+  BOOST_TEST_REQUIRE(pids.size() == 2u, "mpirun's children: " << children);
+  const auto killed = std::chrono::steady_clock::now();
+  ::kill(pids.back(), SIGKILL);
+  const Result r = run.wait();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  BOOST_TEST_MESSAGE("a rank killed: the job ended in " << seconds << " s with status " << r.status);
+  BOOST_TEST(r.status != 0);
+  BOOST_TEST(seconds <= 30);
+  BOOST_TEST((contains(r.err + r.out, "rank 1") || contains(r.err + r.out, "rank 0")), r.err);
+  const fs::path last = clip::latest_checkpoint(out);
+  const clip::CheckpointInfo info = clip::read_checkpoint_info(last);
+  BOOST_TEST(info.step >= 4);
+  auto params = std::make_unique<clip::Clip<ViTTiny>::Params>();
+  clip::AdamW<clip::Clip<ViTTiny>::Params> adam(*params);
+  BOOST_CHECK_NO_THROW(clip::load_checkpoint(last, *params, adam, "ViT-tiny"));
+}
+
+// SIGUSR1 to mpirun (forwarded to every rank): the ranks agree on a step, rank 0 writes its
+// checkpoint, the job exits 130.
+BOOST_AUTO_TEST_CASE(sigusr1_to_mpirun_checkpoints_and_stops) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  const std::string out = dir / "out";
+  MpiRun run(2, data().args(out, {"--steps", "100000", "--checkpoint-every", "0"}));
+  const fs::path log = fs::path(out) / "metrics.jsonl";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while ((!fs::exists(log) || clip::read_metrics(log).size() < 2) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  run.signal(SIGUSR1);
+  const Result r = run.wait();
+  BOOST_TEST(r.status == 130, r.err);
+  BOOST_TEST(contains(r.err, "interrupted after step"), r.err);
+  const fs::path last = clip::latest_checkpoint(out);
+  const int64_t step = clip::read_checkpoint_info(last).step;
+  BOOST_TEST(step >= 2);
+  BOOST_TEST(metrics(out).train.rbegin()->first == step, "the checkpoint is at the last logged step");
+}
+
+// Ranks given different batch sizes (mpirun's MPMD form): refused before step 1.
+BOOST_AUTO_TEST_CASE(ranks_that_disagree_are_refused) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  const std::string out = dir / "out";
+  std::vector<std::string> args = mpi_args(1, data().args(out, {"--steps", "4"}));
+  args.push_back(":");
+  const std::vector<std::string> other = mpi_args(1, data().args(out, {"--steps", "4", "--batch-size", "4"}));
+  args.insert(args.end(), other.begin() + 6, other.end());  // "-np 1 program ..." (the options once)
+  const auto start = std::chrono::steady_clock::now();
+  const Result r = clip::test::run_program("CLIP_MPIRUN", args);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  BOOST_TEST_MESSAGE("disagreeing ranks: status " << r.status << " after " << seconds << " s: " << r.err);
+  BOOST_TEST(r.status != 0);
+  BOOST_TEST(contains(r.err, "the processes disagree on the run"), r.err);
+  BOOST_TEST(contains(r.err, "batch_size\":8") , r.err);
+  BOOST_TEST(!fs::exists(clip::checkpoint_path(out, 1)));
+  BOOST_TEST((!fs::exists(fs::path(out) / "metrics.jsonl") || metrics(out).train.empty()));
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -22,43 +22,21 @@
 #include "clip/io/state_dict.hpp"
 #include "clip/train/init.hpp"
 #include "clip/train/trainer.hpp"
+#include "flat_params.hpp"
 #include "golden.hpp"
 #include "golden_variants.hpp"
 #include "messages.hpp"
 #include "numeric.hpp"
+#include "train_test_variant.hpp"
 
 namespace {
 
 using clip::Role;
 using Values = std::map<std::string, std::vector<float>>;
 
-// A small vision-transformer CLIP for the tests that train from scratch: a 500-token vocabulary
-// and 16 positions keep a step in milliseconds.
-struct ViTTrainTest {
-  static constexpr const char* name = "ViT-train-test";
-  static constexpr int embed_dim = 16;
-  static constexpr int image_resolution = 16;
-  static constexpr int vision_layers = 2;
-  static constexpr int vision_width = 64;
-  static constexpr int vision_patch_size = 8;
-  static constexpr int context_length = 16;
-  static constexpr int vocab_size = 500;
-  static constexpr int transformer_width = 32;
-  static constexpr int transformer_heads = 2;
-  static constexpr int transformer_layers = 2;
-};
-static_assert(clip::Variant<ViTTrainTest>);
+using clip::test::ViTTrainTest;
 
-// name -> values of every float tensor with the given role.
-template <class Params>
-Values tensor_values(const Params& params, Role wanted = Role::parameter) {
-  Values out;
-  clip::for_each_tensor(params, [&](const std::string& name, const auto& t, Role role) {
-    if constexpr (!clip::is_counter_v<decltype(t)>)
-      if (role == wanted) out[name] = std::vector<float>(t.values.begin(), t.values.end());
-  });
-  return out;
-}
+using clip::test::tensor_values;
 
 double max_abs(const std::vector<float>& x) {
   double m = 0;

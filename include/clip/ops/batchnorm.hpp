@@ -11,6 +11,10 @@
 // tile's mean and squared deviations while it is in cache), `finish_statistics` turns them into
 // the normalisation, and `backward` is the gradient of act(bn(x) [+ residual]) in two passes
 // (per-channel sums, then d_x), with the ReLU's mask taken from the output or recomputed from x.
+// Under a BatchNormSync scope (batchnorm_sync.hpp) both use every process's batch: the
+// statistics are merged across processes, and backward's per-channel sums and count are summed
+// (the parameter gradients d_weight, d_bias stay this process's share, summed later with the
+// other gradients).
 #pragma once
 
 #include <algorithm>
@@ -25,6 +29,7 @@
 #endif
 
 #include "clip/core/error.hpp"
+#include "clip/ops/batchnorm_sync.hpp"
 #include "clip/ops/conv2d.hpp"  // Planes
 #include "clip/tensor/param.hpp"
 
@@ -88,6 +93,8 @@ struct BatchNorm2d {
                             bool update_running_stats = true) {
     const int64_t count = batch * hw;
     CLIP_CHECK(count > 1, "train-mode BatchNorm needs more than one value per channel, got ", count);
+    CLIP_CHECK(!BatchNormSync::current(), "BatchNorm2d::forward_train does not synchronise its statistics; "
+               "synchronised training goes through finish_statistics");
     float mean[C], var[C];
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; ++c) {
@@ -168,11 +175,26 @@ struct BatchNorm2d {
   // update_running_stats is false) the running statistics and counter.
   static void finish_statistics(Params& p, const double* stats, int threads, Saved& saved,
                                 bool update_running_stats = true) {
+    // This process's (count, mean, M2) per channel; under a BatchNormSync, every process's,
+    // merged in rank order.
+    const BatchNormSync* sync = BatchNormSync::current();
+    const int world = sync ? sync->world() : 1, rank = sync ? sync->rank() : 0;
+    std::vector<double> table(static_cast<size_t>(world) * 3 * C, 0.0);  // [W][count, mean, M2][C]
+    double* own = table.data() + int64_t{rank} * 3 * C;
     for (int c = 0; c < C; ++c) {
-      double n = 0, mean = 0, m2 = 0;
       for (int t = 0; t < threads; ++t) {
         const double* slot = stats + int64_t{t} * 3 * C;
-        if (slot[c] > 0) merge(n, mean, m2, slot[c], slot[C + c], slot[2 * C + c]);
+        if (slot[c] > 0) merge(own[c], own[C + c], own[2 * C + c], slot[c], slot[C + c], slot[2 * C + c]);
+      }
+    }
+    if (sync) sync->sum(table.data(), static_cast<int64_t>(table.size()));
+    for (int c = 0; c < C; ++c) {
+      double n = 0, mean = 0, m2 = 0;
+      for (int r = 0; r < world; ++r) {
+        const double* part = table.data() + int64_t{r} * 3 * C;
+        if (part[c] <= 0) continue;
+        if (n == 0) n = part[c], mean = part[C + c], m2 = part[2 * C + c];  // as is: one process's unchanged
+        else merge(n, mean, m2, part[c], part[C + c], part[2 * C + c]);
       }
       CLIP_CHECK(n > 1, "train-mode BatchNorm needs more than one value per channel, got ", n);
       const float var = static_cast<float>(m2 / n);
@@ -238,29 +260,40 @@ struct BatchNorm2d {
     const int64_t images = merged ? 1 : batch, len = merged ? count : hw;
     float alpha[C], beta[C];
     train_affine(p, saved, alpha, beta);
+    auto row = [&](int c, int64_t n) {
+      return Row{xl.plane(x, n, c), mask == Mask::output ? yl.plane(y, n, c) : nullptr, dyl.plane(dy, n, c),
+                 dxl.plane(d_x, n, c), d_residual ? rl.plane(d_residual, n, c) : nullptr};
+    };
+    // Per channel: sum g and sum g (x - mean), [sum_g C][sum_gx C][count].
+    std::vector<double> sums_table(2 * C + 1, 0.0);
+    double* sum_g = sums_table.data();
+    double* sum_gx = sums_table.data() + C;
+#pragma omp parallel for schedule(dynamic, 1) if (count * C >= (int64_t{1} << 15))
+    for (int c = 0; c < C; ++c) {
+      const float m = saved.mean[c];
+      for (int64_t n = 0; n < images; ++n) {
+        const Row r = row(c, n);
+        switch (mask) {
+          case Mask::none: sums<Mask::none>(r, len, m, alpha[c], beta[c], sum_g[c], sum_gx[c]); break;
+          case Mask::output: sums<Mask::output>(r, len, m, alpha[c], beta[c], sum_g[c], sum_gx[c]); break;
+          case Mask::input: sums<Mask::input>(r, len, m, alpha[c], beta[c], sum_g[c], sum_gx[c]); break;
+        }
+      }
+      d_bias[c] += static_cast<float>(sum_g[c]);
+      d_weight[c] += static_cast<float>(sum_gx[c] * saved.invstd[c]);
+    }
+    sums_table[2 * C] = double(count);
+    if (const BatchNormSync* sync = BatchNormSync::current())
+      sync->sum(sums_table.data(), static_cast<int64_t>(sums_table.size()));
+    const double total = sums_table[2 * C];
 #pragma omp parallel for schedule(dynamic, 1) if (count * C >= (int64_t{1} << 15))
     for (int c = 0; c < C; ++c) {
       const float m = saved.mean[c], invstd = saved.invstd[c];
-      auto row = [&](int64_t n) {
-        return Row{xl.plane(x, n, c), mask == Mask::output ? yl.plane(y, n, c) : nullptr, dyl.plane(dy, n, c),
-                   dxl.plane(d_x, n, c), d_residual ? rl.plane(d_residual, n, c) : nullptr};
-      };
-      double sum_g = 0, sum_gx = 0;
-      for (int64_t n = 0; n < images; ++n) {
-        const Row r = row(n);
-        switch (mask) {
-          case Mask::none: sums<Mask::none>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
-          case Mask::output: sums<Mask::output>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
-          case Mask::input: sums<Mask::input>(r, len, m, alpha[c], beta[c], sum_g, sum_gx); break;
-        }
-      }
-      d_bias[c] += static_cast<float>(sum_g);
-      d_weight[c] += static_cast<float>(sum_gx * invstd);
       // d_x = alpha g + k (x - mean) + k0
-      const float k = static_cast<float>(-double(alpha[c]) * invstd * invstd * sum_gx / double(count));
-      const float k0 = static_cast<float>(-double(alpha[c]) * sum_g / double(count));
+      const float k = static_cast<float>(-double(alpha[c]) * invstd * invstd * sum_gx[c] / total);
+      const float k0 = static_cast<float>(-double(alpha[c]) * sum_g[c] / total);
       for (int64_t n = 0; n < images; ++n) {
-        const Row r = row(n);
+        const Row r = row(c, n);
         switch (mask) {
           case Mask::none: input_gradient<Mask::none>(r, len, m, alpha[c], beta[c], k, k0); break;
           case Mask::output: input_gradient<Mask::output>(r, len, m, alpha[c], beta[c], k, k0); break;

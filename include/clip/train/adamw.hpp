@@ -60,6 +60,17 @@ inline bool adamw_decays(const std::string& name, int rank) {
   return rank >= 2 && !has("bn") && !has("ln") && !has("bias") && !has("logit_scale");
 }
 
+// The storage of every trained tensor of `params` (buffers excluded), in visit order.
+template <class Params>
+std::vector<float*> trained_tensor_data(Params& params) {
+  std::vector<float*> out;
+  for_each_tensor(params, [&](const std::string&, auto& t, Role role) {
+    if constexpr (!is_counter_v<decltype(t)>)
+      if (role == Role::parameter) out.push_back(t.data());
+  });
+  return out;
+}
+
 namespace detail {
 
 // The step's scalars and the element update are shared with the CUDA optimizer
@@ -234,14 +245,7 @@ class AdamW {
   }
 
   // The trained tensors' storage, in the order of tensors_.
-  static std::vector<float*> pointers(Params& params) {
-    std::vector<float*> out;
-    for_each_tensor(params, [&](const std::string&, auto& t, Role role) {
-      if constexpr (!is_counter_v<decltype(t)>)
-        if (role == Role::parameter) out.push_back(t.data());
-    });
-    return out;
-  }
+  static std::vector<float*> pointers(Params& params) { return trained_tensor_data(params); }
 };
 
 }  // namespace clip

@@ -1,7 +1,7 @@
 // A training run's metrics as JSON lines, one object per line, and its curves as an SVG chart.
 //
 //   {"type":"train","step":12,"epoch":0,"loss":5.21,"lr":0.0005,"temperature":14.3,
-//    "grad_norm":3.1,"samples_per_s":410.5,"elapsed_s":7.9}
+//    "grad_norm":3.1,"samples_per_s":410.5,"elapsed_s":7.9,"world_size":1}
 //   {"type":"zeroshot","step":100,"epoch":0,"top1":0.62,"top5":0.95,"images":10000,
 //    "seconds":2.1,"elapsed_s":65.2}
 //
@@ -37,6 +37,7 @@ struct StepMetrics {
   double grad_norm = 0;         // global L2 norm of the gradients, before clipping
   double samples_per_s = 0;     // image-text pairs per second over this step
   double elapsed_s = 0;         // training time of the run so far (a resumed run continues it)
+  int world_size = 1;           // processes sharing the step (data parallel)
 
   json::Object to_json() const {
     json::Object o;
@@ -49,6 +50,7 @@ struct StepMetrics {
     o["grad_norm"] = json::Value{grad_norm};
     o["samples_per_s"] = json::Value{samples_per_s};
     o["elapsed_s"] = json::Value{elapsed_s};
+    o["world_size"] = json::Value{double(world_size)};
     return o;
   }
 };

@@ -1,0 +1,149 @@
+// The one interface through which data-parallel training talks to the other processes. Every
+// byte that crosses the network goes through a Communicator: the contrastive loss's feature
+// gather and gradient scatter (train/trainer.hpp), the gradient sums (gradient_buckets.hpp), the
+// optimizer shards and the agreement checks at start. Two back ends: MpiCommunicator
+// (mpi_communicator.hpp, host buffers, Open MPI) and an NCCL communicator for device buffers
+// (kernels/dist/); LocalCommunicator is the one-process run, with no MPI at all.
+//
+// Collectives are called by every rank in the same order with the same sizes. Sizes that differ
+// per rank (the slices of a batch that does not divide by the world size) are given as the full
+// table `counts`, one entry per rank, identical on every rank.
+//
+//   rows of the global batch owned by rank r:  [batch_slice(B, W, r).first, ... + .rows)
+#pragma once
+
+#include <cstdint>
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "clip/core/error.hpp"
+
+namespace clip::dist {
+
+// A rank's contiguous share of `total` items: the first total % W ranks take one more, so the
+// slices differ by at most one and the global order is rank 0's rows, then rank 1's, ...
+struct Slice {
+  int64_t first = 0;
+  int64_t rows = 0;
+};
+
+inline Slice batch_slice(int64_t total, int world, int rank) {
+  CLIP_CHECK(world > 0 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world, " processes");
+  const int64_t base = total / world, extra = total % world;
+  return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
+}
+
+// Every rank's slice size, in rank order (the counts table of the v-collectives), times `unit`.
+inline std::vector<int64_t> slice_counts(int64_t total, int world, int64_t unit = 1) {
+  std::vector<int64_t> counts(static_cast<size_t>(world));
+  for (int r = 0; r < world; ++r) counts[r] = batch_slice(total, world, r).rows * unit;
+  return counts;
+}
+
+// Whether this process was started by an MPI launcher (mpirun, mpiexec, srun with PMIx).
+inline bool launched_by_mpi() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"})
+    if (std::getenv(name)) return true;
+  return false;
+}
+
+// A non-blocking collective in flight; wait() returns once the result is in place.
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual void wait() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // data[0, n) := the sum over ranks, in place.
+  virtual void all_reduce_sum(float* data, int64_t n) = 0;
+  virtual void all_reduce_sum(double* data, int64_t n) = 0;
+  // The same, started now and finished by wait(); `data` must stay untouched until then.
+  virtual std::unique_ptr<PendingCollective> start_all_reduce_sum(float* data, int64_t n) = 0;
+
+  // In place: rank r's counts[r] floats already sit at offset sum(counts[0..r)) of `data`;
+  // afterwards every rank holds every rank's part.
+  virtual void all_gather(float* data, const std::vector<int64_t>& counts) = 0;
+
+  // recv[0, counts[rank]) := the sum over ranks of their send[offset_r, offset_r + counts[rank]),
+  // offset_r = sum(counts[0..rank)); send holds sum(counts) floats on every rank.
+  virtual void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& counts) = 0;
+
+  // `bytes` bytes from rank `root` to every rank.
+  virtual void broadcast(void* data, int64_t bytes, int root) = 0;
+
+  virtual void barrier() = 0;
+
+  // Ends every process of the job now (after a rank's unrecoverable error), with `code`.
+  [[noreturn]] virtual void abort(int code) = 0;
+
+  // A short description for logs ("1 process", "Open MPI, 4 processes").
+  virtual std::string describe() const = 0;
+};
+
+// The one-process world: every collective is the identity.
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void all_reduce_sum(float*, int64_t) override {}
+  void all_reduce_sum(double*, int64_t) override {}
+  std::unique_ptr<PendingCollective> start_all_reduce_sum(float*, int64_t) override {
+    struct Done final : PendingCollective {
+      void wait() override {}
+    };
+    return std::make_unique<Done>();
+  }
+  void all_gather(float*, const std::vector<int64_t>& counts) override { check_counts(counts); }
+  void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& counts) override {
+    check_counts(counts);
+    if (send != recv) std::memmove(recv, send, static_cast<size_t>(counts[0]) * sizeof(float));
+  }
+  void broadcast(void*, int64_t, int root) override {
+    CLIP_CHECK(root == 0, "a one-process run has no rank ", root, " to broadcast from");
+  }
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override { std::exit(code); }
+  std::string describe() const override { return "1 process"; }
+
+ private:
+  static void check_counts(const std::vector<int64_t>& counts) {
+    CLIP_CHECK(counts.size() == 1, "a one-process collective got ", counts.size(), " counts");
+  }
+};
+
+// The string `text` of rank 0 against every rank's own: throws on every rank, naming the ranks
+// that differ and what they hold, when any rank disagrees (what = "the training options", ...).
+// Every rank must call it at the same point; it uses broadcast and all_reduce only.
+inline void check_agreement(Communicator& comm, const std::string& text, const char* what) {
+  if (comm.size() == 1) return;
+  int64_t length = static_cast<int64_t>(text.size());
+  comm.broadcast(&length, sizeof length, 0);
+  std::string root_text(static_cast<size_t>(length), '\0');
+  if (comm.rank() == 0) root_text = text;
+  comm.broadcast(root_text.data(), length, 0);
+  std::vector<double> differs(static_cast<size_t>(comm.size()), 0.0);
+  differs[comm.rank()] = root_text == text ? 0.0 : 1.0;
+  comm.all_reduce_sum(differs.data(), static_cast<int64_t>(differs.size()));
+  std::string ranks;
+  for (int r = 0; r < comm.size(); ++r)
+    if (differs[r] != 0.0) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  if (ranks.empty()) return;
+  std::string mine = comm.rank() == 0 || root_text == text ? "" : "; this rank (" + std::to_string(comm.rank()) +
+                                                                     ") has " + text;
+  CLIP_FAIL("the processes disagree on ", what, ": rank 0 has ", root_text, ", rank", ranks.find(',') == std::string::npos ? " " : "s ",
+            ranks, " differ", mine);
+}
+
+}  // namespace clip::dist
