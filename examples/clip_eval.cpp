@@ -95,8 +95,9 @@ constexpr const char* kUsage =
     "  --C X                     the probe's C (skips the sweep)\n"
     "  --val-proportion P        without --val: the share of --train held out (default 0.2)\n"
     "  --seed S                  for that split and the few-shot draws (default 0)\n"
-    "  --tolerance T             L-BFGS stop: max |gradient| of the mean objective (default 1e-6;\n"
-    "                            scikit-learn's default tol is 1e-4)\n"
+    "  --tolerance T             L-BFGS stop: max |gradient| of the mean objective (default 1e-4,\n"
+    "                            scikit-learn's default tol, which OpenAI's probe code used; at\n"
+    "                            most 1000 iterations per fit)\n"
     "  --shots LIST              few-shot k values (default 1,2,4,8,16)\n"
     "  --seeds N                 few-shot draws per k (default 3)\n"
     "  --recall-k LIST           retrieval k values (default 1,5,10)\n"
@@ -117,7 +118,7 @@ struct Arguments {
   std::optional<std::string> vocab;
   bool projected = false;
   std::optional<double> C;
-  double val_proportion = 0.2, tolerance = 1e-6;
+  double val_proportion = 0.2, tolerance = 1e-4;
   uint64_t seed = 0;
   std::vector<int> shots{1, 2, 4, 8, 16};
   int seeds = 3, batch = 32;
@@ -327,7 +328,8 @@ Encoder make_encoder(const Arguments& args, const char* argv0, std::shared_ptr<c
     }
     clip::LabeledFeatures out;
     out.labels = data.labels.empty() ? std::vector<int64_t>(data.size(), -1) : data.labels;
-    cli::Progress progress(kProgram, (split + " images").c_str(), data.size(),
+    const std::string what = split + " images";  // Progress keeps the pointer
+    cli::Progress progress(kProgram, what.c_str(), data.size(),
                            !args.quiet && cli::Progress::wanted(data.size(), args.batch));
     for (size_t first = 0; first < data.images.size(); first += args.batch) {
       const size_t n = std::min<size_t>(args.batch, data.images.size() - first);
