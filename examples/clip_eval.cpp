@@ -192,7 +192,7 @@ Arguments parse(int argc, char** argv) {
     else if (auto v = a.option("--csv-label-key")) args.csv.label_key = *v;
     else if (auto v = a.option("--csv-caption-key")) args.csv.caption_key = *v;
     else if (auto v = a.option("--device")) args.device.device = cli::parse_device_option(*v);
-    else if (auto v = a.option("--precision")) args.device.precision = cli::parse_precision_option(*v);
+    else if (auto v = a.option("--precision")) args.device.requested_precision = cli::parse_precision_option(*v);
     else a.unknown();
   }
   if (args.help) return args;
@@ -307,7 +307,8 @@ Encoder make_encoder(const Arguments& args, const char* argv0, std::shared_ptr<c
     const std::map<std::string, std::string> meta{
         {"model", Cfg::name}, {"weights_hash", hex(weights_hash)}, {"dataset", data.source}, {"split", split},
         {"dataset_fingerprint", hex(data.fingerprint())}, {"features", kind},
-        {"preprocessing", "clip _transform(" + std::to_string(R) + ")"}};
+        {"preprocessing", "clip _transform(" + std::to_string(R) + ")"},
+        {"compute", std::string(clip::device_name(D)) + " " + clip::precision_name(args.device.precision())}};
     uint64_t key = 0;
     for (const auto& [k, v] : meta)
       for (char c : k + "=" + v + ";") key = clip::data::mix64(key ^ static_cast<unsigned char>(c));
