@@ -33,6 +33,7 @@
 namespace {
 
 using clip::Role;
+using clip::test::is_key_bias;
 using Values = std::map<std::string, std::vector<float>>;
 
 // MPI for the whole test program (the one-process world when not started by mpirun).
@@ -56,13 +57,6 @@ clip::dist::Communicator& comm() { return *g_world->comm; }
 using ViTDistTest = clip::test::ViTTrainTest;  // the runs of several steps
 
 using clip::test::tensor_values;
-
-// The key part of an attention's in_proj_bias and the pool's k_proj.bias: their gradient is zero
-// analytically, rounding noise in practice, so they are held to an absolute bound.
-bool is_key_bias(const std::string& name, int64_t i, int64_t n) {
-  if (name.ends_with("attnpool.k_proj.bias")) return true;
-  return name.ends_with("in_proj_bias") && i >= n / 3 && i < 2 * n / 3;
-}
 
 // This rank's rows of a [B, row] batch.
 template <class T>

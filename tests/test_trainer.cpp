@@ -32,6 +32,7 @@
 namespace {
 
 using clip::Role;
+using clip::test::is_key_bias;
 using Values = std::map<std::string, std::vector<float>>;
 
 using clip::test::ViTTrainTest;
@@ -42,13 +43,6 @@ double max_abs(const std::vector<float>& x) {
   double m = 0;
   for (float v : x) m = std::max(m, double(std::abs(v)));
   return m;
-}
-
-// The key part (middle third) of an attention in_proj_bias and the pool's k_proj.bias: their
-// gradient is zero analytically (softmax ignores a constant shift), rounding noise in practice.
-bool is_key_bias(const std::string& name, int64_t i, int64_t n) {
-  if (name.ends_with("attnpool.k_proj.bias")) return true;
-  return name.ends_with("in_proj_bias") && i >= n / 3 && i < 2 * n / 3;
 }
 
 // One Trainer step on the golden batch: loss, gradients (through the first moment, m = 0.1 g),
