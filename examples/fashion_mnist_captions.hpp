@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "clip/core/error.hpp"
+#include "clip/data/random.hpp"
 #include "clip/eval/zero_shot.hpp"
 
 namespace clip::examples::fashion_mnist {
@@ -199,6 +200,51 @@ inline std::vector<std::string> all_evaluation_prompts(const std::vector<std::st
   for (const std::string& t : templates)
     for (int c = 0; c < kClasses; ++c) prompts.push_back(fill(t, canonical_name(c)));
   return prompts;
+}
+
+// ---- The captioned retrieval set: 100 test images per class (the first in the test file's
+// order), 5 captions each, as Flickr30k's test set has 1,000 images of 5 captions. Fashion-MNIST
+// has no description of a single image, so a caption can only name the class: within a class no
+// caption tells its image from the others. What keeps the task honest is that no caption string
+// belongs to two images (identical strings score identically, and a tie with another image's copy
+// would count as a hit), so a perfect class ranker scores about k/100 on recall@k in both
+// directions (the README's retrieval row says so).
+inline constexpr int kRetrievalImagesPerClass = 100;
+inline constexpr int kRetrievalCaptionsPerImage = 5;
+
+// Every distinct caption of class `label` the retrieval set draws from: each of its names in each
+// training phrasing and each held-out template (its full stop dropped), with and without a full
+// stop, in a fixed order.
+inline std::vector<std::string> retrieval_caption_pool(int label) {
+  CLIP_CHECK(label >= 0 && label < kClasses, "Fashion-MNIST labels are 0 to 9, not ", label);
+  std::vector<std::string> phrasings = training_phrasings();
+  for (std::string t : held_out_templates()) {
+    if (t.ends_with(".")) t.pop_back();
+    phrasings.push_back(std::move(t));
+  }
+  std::vector<std::string> pool;
+  std::set<std::string> seen;
+  for (const std::string& name : class_names()[label])
+    for (const std::string& phrasing : phrasings)
+      for (const char* stop : {"", "."})
+        if (std::string caption = fill(phrasing, name) + stop; seen.insert(caption).second) pool.push_back(caption);
+  return pool;
+}
+
+// The captions of the retrieval set's first `images` images of class `label`, `per_image` each:
+// the pool in a seeded order, dealt out in turn, so that no two captions of the set are equal.
+inline std::vector<std::vector<std::string>> retrieval_captions(uint64_t seed, int label,
+                                                                int images = kRetrievalImagesPerClass,
+                                                                int per_image = kRetrievalCaptionsPerImage) {
+  std::vector<std::string> pool = retrieval_caption_pool(label);
+  CLIP_CHECK(images >= 0 && per_image > 0 && static_cast<size_t>(images) * per_image <= pool.size(), "class ", label,
+             " has ", pool.size(), " distinct captions, not enough for ", images, " images of ", per_image, " each");
+  data::Rng rng(data::derive_seed(seed, {0x7e7c, static_cast<uint64_t>(label)}));
+  data::shuffle(pool, rng);
+  std::vector<std::vector<std::string>> captions(images);
+  for (int i = 0; i < images; ++i)
+    captions[i].assign(pool.begin() + i * per_image, pool.begin() + (i + 1) * per_image);
+  return captions;
 }
 
 // Checks, on the tokenizer's ids (so case and spacing cannot hide a match), that every training

@@ -25,8 +25,9 @@ cd "$(dirname "$0")/.."
 build=${1:-build}  # relative to the source tree, where this script runs
 data=${FMNIST_DATA:-$build/fashion-mnist}
 run=${FMNIST_RUN:-$build/fashion-mnist-run}
-# The schedule (README, "Pretraining from scratch"): 87.8% in about 6 minutes on 2 cores; batch
-# 256 at lr 2e-3 runs as fast and ends about half a point lower.
+# The schedule (README, "Pretraining from scratch"): 87.8% in about 6 minutes on 2 idle AVX-512
+# cores (33 minutes on 2 shared AVX2 cores); batch 256 at lr 2e-3 runs as fast and ends about
+# half a point lower.
 epochs=${FMNIST_EPOCHS:-6}
 batch=${FMNIST_BATCH:-128}
 lr=${FMNIST_LR:-1.4e-3}

@@ -2,6 +2,7 @@
 // WebDataset shards the README's pretraining demo trains and evaluates on.
 //
 //   fashion-mnist-shards --out DIR [--input DIR] [--shard-size N] [--seed S] [--test-folders]
+//                        [--retrieval-only]
 //
 // Exit status: 0 done, 1 bad input (a missing or malformed dataset file), 2 bad arguments.
 #include <zlib.h>
@@ -43,6 +44,7 @@ constexpr const char* kProgram = "fashion-mnist-shards";
 
 constexpr const char* kUsage =
     "usage: fashion-mnist-shards --out DIR [--input DIR] [--shard-size N] [--seed S] [--test-folders]\n"
+    "                            [--retrieval-only]\n"
     "\n"
     "Turns Fashion-MNIST (the IDX files of Debian's dataset-fashion-mnist) into WebDataset shards\n"
     "for contrastive pretraining and zero-shot evaluation:\n"
@@ -51,6 +53,9 @@ constexpr const char* kUsage =
     "                           and white photo of an ankle boot\", \"product shot: a pullover\")\n"
     "                           and KEY.cls (the label, 0 to 9)\n"
     "  DIR/test/00000.tar ...   the 10,000 test images: KEY.png, KEY.cls, KEY.txt (the class name)\n"
+    "  DIR/retrieval/00000.tar  the captioned retrieval set: the first 100 test images of each class\n"
+    "                           (KEY is the test index), KEY.txt a JSON list of 5 captions, no caption\n"
+    "                           string shared by two images; KEY.png and KEY.cls as in test/\n"
     "  DIR/classes.txt          the class names the evaluation uses, in label order\n"
     "  DIR/templates.txt        held-out prompt templates for the evaluation: the program checks,\n"
     "                           on BPE ids, that no template filled with a class name equals any\n"
@@ -68,6 +73,8 @@ constexpr const char* kUsage =
     "  --shard-size N    samples per shard (default 5000)\n"
     "  --seed S          caption seed (default 0)\n"
     "  --test-folders    also write the test images into class folders\n"
+    "  --retrieval-only  write DIR/retrieval/ alone (reads the test files only; info.json and the\n"
+    "                    other folders stay as they are)\n"
     "  --vocab FILE      the BPE vocabulary used for the caption checks (default: found as\n"
     "                    clip-tokenize finds it)\n"
     "  --quiet           no progress lines\n"
@@ -80,7 +87,7 @@ struct Arguments {
   std::optional<std::string> vocab;
   int shard_size = 5000;
   uint64_t seed = 0;
-  bool test_folders = false, quiet = false, help = false;
+  bool test_folders = false, retrieval_only = false, quiet = false, help = false;
 };
 
 Arguments parse(int argc, char** argv) {
@@ -89,6 +96,7 @@ Arguments parse(int argc, char** argv) {
     if (a.positional()) throw cli::UsageError{"unexpected argument '" + std::string(a.arg()) + "'"};
     if (a.flag("--help") || a.flag("-h")) args.help = true;
     else if (a.flag("--test-folders")) args.test_folders = true;
+    else if (a.flag("--retrieval-only")) args.retrieval_only = true;
     else if (a.flag("--quiet")) args.quiet = true;
     else if (auto v = a.path_option("--out")) args.out = *v;
     else if (auto v = a.path_option("--input")) args.input = *v;
@@ -240,6 +248,44 @@ int64_t write_shards(const Split& split, const fs::path& dir, int64_t shard_size
   return shards;
 }
 
+// The captioned retrieval set (fashion_mnist_captions.hpp): the first kRetrievalImagesPerClass test
+// images of each class in file order, each with its captions as a JSON list. Returns the images.
+int64_t write_retrieval_set(const Split& test, const fs::path& dir, uint64_t seed) {
+  std::array<std::vector<std::vector<std::string>>, fm::kClasses> captions;
+  for (int c = 0; c < fm::kClasses; ++c) captions[c] = fm::retrieval_captions(seed, c);
+  std::array<size_t, fm::kClasses> taken{};
+  fs::create_directories(dir);
+  clip::data::TarWriter tar(dir / shard_name(0));  // appears under its name once closed
+  int64_t images = 0;
+  for (int64_t i = 0; i < test.count; ++i) {
+    const int label = test.labels[i];
+    if (taken[label] == captions[label].size()) continue;
+    std::string list = "[";
+    for (const std::string& caption : captions[label][taken[label]++]) {
+      if (list.size() > 1) list += ", ";
+      list += clip::json::quote(caption);
+    }
+    const std::string key = key_of(i);
+    tar.add(key + ".png", encode_png(&test.pixels[size_t(i) * kSide * kSide]));
+    tar.add(key + ".txt", list + "]");
+    tar.add(key + ".cls", std::to_string(label));
+    ++images;
+  }
+  tar.close();
+  return images;
+}
+
+// Every retrieval caption fits the variant's context.
+template <class Tokenizer>
+void check_retrieval_captions(const Tokenizer& tokenizer) {
+  for (int c = 0; c < fm::kClasses; ++c)
+    for (const std::string& caption : fm::retrieval_caption_pool(c)) {
+      const size_t tokens = tokenizer.encode(caption).size();
+      CLIP_CHECK(static_cast<int>(tokens) <= fm::kMaxCaptionTokens, "the retrieval caption '", caption, "' has ", tokens,
+                 " BPE tokens; at most ", fm::kMaxCaptionTokens, " fit the 16-token context");
+    }
+}
+
 // "t-shirt" from "a t-shirt": folder names without articles, numbered so they sort in label order.
 std::string folder_name(int label) {
   std::string name = fm::bare(fm::canonical_name(label));
@@ -265,13 +311,21 @@ int run(const Arguments& args, const char* argv0) {
   const auto start = std::chrono::steady_clock::now();
   const clip::text::BpeTokenizer tokenizer(args.vocab ? fs::path(*args.vocab)
                                                       : clip::text::find_bpe_vocabulary(cli::data_folders(argv0)));
+  check_retrieval_captions(tokenizer);
+  const fs::path input(args.input), out(args.out);
+  if (args.retrieval_only) {
+    const Split test = read_split(input, "t10k");
+    const int64_t images = write_retrieval_set(test, out / "retrieval", args.seed);
+    std::printf("%s: %lld retrieval images with %d captions each, %.1f s\n", (out / "retrieval").string().c_str(),
+                static_cast<long long>(images), fm::kRetrievalCaptionsPerImage,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    return 0;
+  }
   const size_t distinct = fm::check_vocabulary(tokenizer);
 
-  const fs::path input(args.input);
   const Split train = read_split(input, "train");
   const Split test = read_split(input, "t10k");
 
-  const fs::path out(args.out);
   fs::create_directories(out);
   std::error_code ec;
   fs::remove(out / "info.json", ec);  // unfinished until written again at the end
@@ -282,6 +336,7 @@ int run(const Arguments& args, const char* argv0) {
   const int64_t test_shards = write_shards(test, out / "test", args.shard_size, [&](int64_t, int label) {
     return fm::canonical_name(label);
   }, progress);
+  const int64_t retrieval_images = write_retrieval_set(test, out / "retrieval", args.seed);
   if (args.test_folders) write_test_folders(test, out / "test-folders");
 
   std::vector<std::string> classes;
@@ -300,7 +355,9 @@ int run(const Arguments& args, const char* argv0) {
       ",\n  \"train_samples\": " + std::to_string(train.count) + ",\n  \"test\": " +
       quote("test/" + brace(test_shards)) + ",\n  \"test_samples\": " + std::to_string(test.count) +
       ",\n  \"shard_size\": " + std::to_string(args.shard_size) + ",\n  \"seed\": " + std::to_string(args.seed) +
-      ",\n  \"test_folders\": " + (args.test_folders ? "true" : "false") +
+      ",\n  \"retrieval\": " + quote("retrieval/" + shard_name(0)) + ",\n  \"retrieval_images\": " +
+      std::to_string(retrieval_images) + ",\n  \"retrieval_captions_per_image\": " +
+      std::to_string(fm::kRetrievalCaptionsPerImage) + ",\n  \"test_folders\": " + (args.test_folders ? "true" : "false") +
       ",\n  \"distinct_training_captions\": " + std::to_string(distinct) +
       ",\n  \"held_out_templates\": " + std::to_string(fm::held_out_templates().size()) + "\n}\n";
   cli::write_file_atomically(out / "info.json", info);

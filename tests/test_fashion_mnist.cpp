@@ -1,7 +1,9 @@
 // The Fashion-MNIST demo's data (examples/fashion_mnist_captions.hpp, fashion-mnist-shards):
 // captions fit the variant's context and never equal a held-out evaluation prompt (on BPE ids),
 // are reproducible from the seed and varied, and the program turns IDX files into shards whose
-// PNGs hold the very pixels, with the right caption and label, and names a bad input file.
+// PNGs hold the very pixels, with the right caption and label, and names a bad input file; the
+// captioned retrieval set gives every image 5 captions of its class, no caption to two images,
+// and reads back through clip-eval's dataset loader.
 // meson passes the program's path in FASHION_MNIST_SHARDS_PROGRAM.
 #include <boost/test/unit_test.hpp>
 
@@ -10,6 +12,8 @@
 #include <sys/wait.h>
 #include <zlib.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -21,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "clip/eval/dataset.hpp"
 #include "clip/image/decode.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
 #include "fashion_mnist_captions.hpp"
@@ -149,6 +154,34 @@ BOOST_AUTO_TEST_CASE(captions_are_seeded_varied_and_name_their_class) {
   BOOST_TEST(fm::fill("a photo of {}.", "an ankle boot") == "a photo of an ankle boot.");
 }
 
+BOOST_AUTO_TEST_CASE(retrieval_captions_are_distinct_seeded_fit_and_name_their_class) {
+  std::set<std::string> all;
+  for (int c = 0; c < fm::kClasses; ++c) {
+    const std::vector<std::vector<std::string>> captions = fm::retrieval_captions(5, c);
+    BOOST_TEST_REQUIRE(captions.size() == 100u);
+    for (const std::vector<std::string>& image : captions) {
+      BOOST_TEST_REQUIRE(image.size() == 5u);
+      for (const std::string& caption : image) {
+        BOOST_TEST(all.insert(caption).second, caption << " is given to two images");
+        bool named = false;
+        for (const std::string& name : fm::class_names()[c]) named = named || contains(caption, fm::bare(name));
+        BOOST_TEST(named, caption << " names no name of class " << c);
+      }
+    }
+    for (const std::string& caption : fm::retrieval_caption_pool(c))
+      BOOST_TEST(static_cast<int>(tokenizer().encode(caption).size()) <= fm::kMaxCaptionTokens, caption);
+    BOOST_TEST((captions == fm::retrieval_captions(5, c)));
+    BOOST_TEST((captions != fm::retrieval_captions(6, c)));
+  }
+  BOOST_TEST(all.size() == 5000u);
+  // The held-out templates join the pool too, with and without their full stop.
+  const auto pool = fm::retrieval_caption_pool(2);
+  BOOST_TEST((std::find(pool.begin(), pool.end(), "a sketch of a jumper") != pool.end()));
+  BOOST_TEST((std::find(pool.begin(), pool.end(), "a sketch of a jumper.") != pool.end()));
+  BOOST_CHECK_EXCEPTION(fm::retrieval_captions(5, 0, 200, 5), clip::Error,
+                        [](const clip::Error& e) { return contains(e.what(), "not enough for 200 images"); });
+}
+
 BOOST_AUTO_TEST_CASE(program_writes_shards_with_the_pixels_captions_and_labels) {
   TempDir dir;
   const FakeSplit train = fake_split(9, 0), test = fake_split(5, 1);
@@ -205,6 +238,45 @@ BOOST_AUTO_TEST_CASE(program_writes_shards_with_the_pixels_captions_and_labels) 
   BOOST_TEST(images == test.labels.size());
   BOOST_TEST(fs::exists(out / "test-folders" / "9_ankle_boot"));
   BOOST_TEST(contains(slurp(out / "info.json"), "\"train_samples\": 9"));
+  BOOST_TEST(contains(slurp(out / "info.json"), "\"retrieval\": \"retrieval/00000.tar\""));
+
+  // The retrieval set: every test image here (each class has fewer than 100), its 5 captions as a
+  // JSON list, read back by clip-eval's loader.
+  const auto members = read_tar(out / "retrieval" / "00000.tar");
+  BOOST_TEST_REQUIRE(members.size() == 3 * test.labels.size());
+  const clip::EvalDataset set =
+      clip::load_eval_dataset((out / "retrieval" / "00000.tar").string(), clip::DatasetUse::retrieval, {});
+  BOOST_TEST_REQUIRE(set.captions.size() == test.labels.size());
+  for (size_t i = 0; i < test.labels.size(); ++i) {
+    char key[24];
+    std::snprintf(key, sizeof key, "%09zu", i);
+    BOOST_TEST(members[3 * i].first == std::string(key) + ".png");
+    BOOST_TEST(members[3 * i + 2].second == std::to_string(test.labels[i]));
+    // The labels of this made-up split are all different: each image is its class's first.
+    BOOST_TEST(set.captions[i] == fm::retrieval_captions(3, test.labels[i])[0], boost::test_tools::per_element());
+  }
+}
+
+BOOST_AUTO_TEST_CASE(retrieval_only_writes_the_retrieval_set_alone) {
+  TempDir dir;
+  FakeSplit test = fake_split(30, 1);
+  for (uint8_t& label : test.labels) label = label % 2;  // classes 0 and 1, 15 images each
+  write_dataset(dir.path / "in", fake_split(3, 0), test);
+  const fs::path out = dir.path / "out";
+  const Result r = run_program({"--input", (dir.path / "in").string(), "--out", out.string(), "--retrieval-only",
+                                "--seed", "4", "--quiet"});
+  BOOST_TEST_REQUIRE(r.status == 0, r.err);
+  BOOST_TEST(contains(r.out, "30 retrieval images with 5 captions each"));
+  BOOST_TEST(!fs::exists(out / "info.json"));
+  BOOST_TEST(!fs::exists(out / "train"));
+  const clip::EvalDataset set =
+      clip::load_eval_dataset((out / "retrieval" / "00000.tar").string(), clip::DatasetUse::retrieval, {});
+  BOOST_TEST_REQUIRE(set.captions.size() == 30u);
+  std::array<int, 2> seen{};
+  for (size_t i = 0; i < 30; ++i) {
+    const int label = test.labels[i];
+    BOOST_TEST(set.captions[i] == fm::retrieval_captions(4, label)[seen[label]++], boost::test_tools::per_element());
+  }
 }
 
 BOOST_AUTO_TEST_CASE(program_names_the_bad_input_file) {

@@ -1,7 +1,7 @@
 // The linear probe (clip/eval/linear_probe.hpp) against scikit-learn's optima in
 // eval_probe.safetensors (MANIFEST section F): the four fits' coefficients, centred intercepts,
 // objective values and test predictions, the C sweep's evaluated points and choice, and the refit
-// on train + validation.
+// on train + validation; and the few-shot curve's SVG (log axis, zero-shot line).
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "clip/eval/fewshot.hpp"
 #include "clip/eval/linear_probe.hpp"
 #include "clip/io/json.hpp"
 #include "clip/io/safetensors.hpp"
@@ -209,4 +210,43 @@ BOOST_AUTO_TEST_CASE(stratified_split_keeps_class_shares) {
   BOOST_TEST(again.second.features.values == val.features.values, boost::test_tools::per_element());
   const auto other = clip::stratified_split(data, 2, 0.2, 8);
   BOOST_TEST(other.second.features.values != val.features.values);
+}
+
+// The paper's figure 6: shots 1..16 on a log axis, equal steps between the ticks (the axis runs a
+// quarter doubling past either end: log2 x from -0.25 to 4.25 over pixels 80 to 870), the
+// zero-shot accuracy a horizontal line across the whole plot, a k without metrics left out.
+BOOST_AUTO_TEST_CASE(fewshot_svg_has_a_log_axis_and_the_zero_shot_line) {
+  std::vector<clip::FewShotPoint> points;
+  for (int k : {1, 2, 4, 8, 16}) {
+    clip::FewShotPoint p;
+    p.shots = k;
+    for (double a : {0.5, 0.6}) {
+      clip::ClassificationMetrics m;
+      m.acc1 = a + 0.02 * std::log2(k);
+      p.per_seed.push_back(m);
+    }
+    points.push_back(p);
+  }
+  points.push_back({32, {}, {}, "a class has fewer than 32 examples"});
+  const std::string svg = clip::fewshot_svg("probe", points, 0.7);
+  auto has = [&](const std::string& part) { return svg.find(part) != std::string::npos; };
+  const char* xs[] = {"123.9", "299.4", "475.0", "650.6", "826.1"};
+  for (int i = 0; i < 5; ++i)
+    BOOST_TEST(has("<text x=\"" + std::string(xs[i]) + "\" y=\"412\" text-anchor=\"middle\">" + std::to_string(1 << i) +
+                   "</text>"), xs[i]);
+  BOOST_TEST(!has(">32<"));
+  BOOST_TEST(has("labeled training examples per class (log scale)"));
+  // The zero-shot line: 70% from the left edge to the right edge, at one height.
+  const size_t line = svg.find("stroke=\"#d62728\"");
+  BOOST_TEST_REQUIRE(line != std::string::npos);
+  const size_t at = svg.find("points=\"", line) + 8;
+  const std::string pts = svg.substr(at, svg.find('"', at) - at);
+  const size_t space = pts.find(' ');
+  BOOST_TEST_REQUIRE(space != std::string::npos);
+  const std::string a = pts.substr(0, space), b = pts.substr(space + 1);
+  BOOST_TEST(a.substr(0, a.find(',')) == "80.0");
+  BOOST_TEST(b.substr(0, b.find(',')) == "870.0");
+  BOOST_TEST(a.substr(a.find(',')) == b.substr(b.find(',')));
+  // The mean over seeds at 4 shots (0.55 + 0.04 = 59%) sits on the 4-shot tick.
+  BOOST_TEST(has("<circle cx=\"475.0\""));
 }

@@ -1,6 +1,6 @@
 // Training metrics and their chart: JSON lines that read back exactly, a resumed log that keeps
 // each step once, a line cut short by a kill that is dropped (and one broken in the middle that is
-// an error naming it), round tick values, and series thinned by averaging.
+// an error naming it), round tick values, a log2 axis, and series thinned by averaging.
 #include <boost/test/unit_test.hpp>
 
 #include <unistd.h>
@@ -105,6 +105,42 @@ BOOST_AUTO_TEST_CASE(ticks_are_round_and_cover_the_range) {
   BOOST_TEST(clip::detail::tick_label(20000, 5000) == "20k");
   BOOST_TEST(clip::detail::tick_label(5.2, 0.2) == "5.2");
   BOOST_TEST(clip::detail::tick_label(0.05, 0.05) == "0.05");
+}
+
+BOOST_AUTO_TEST_CASE(a_log2_axis_puts_powers_of_two_at_even_steps) {
+  using clip::detail::log2_ticks;
+  const auto ticks = log2_ticks(std::log2(0.8), std::log2(20));
+  BOOST_TEST_REQUIRE(ticks.size() == 5u);
+  for (int i = 0; i < 5; ++i) {
+    BOOST_TEST(ticks[i].at == double(i));
+    BOOST_TEST(ticks[i].label == std::to_string(1 << i));
+  }
+  const auto fractions = log2_ticks(-1, 1);
+  BOOST_TEST_REQUIRE(fractions.size() == 3u);
+  BOOST_TEST(fractions[0].label == "0.5");
+  // 17 powers of two would crowd the axis: every second one, at most 10 ticks.
+  const auto wide = log2_ticks(0, 16);
+  BOOST_TEST_REQUIRE(wide.size() == 9u);
+  BOOST_TEST(wide[1].label == "4");
+  BOOST_TEST(wide.back().label == "65536");
+
+  // In the chart, x = 1..16 spans the plot (x 80 to 870, 790 pixels) in four equal steps, each
+  // point drawn at its tick; x = 0 has no logarithm and is left out.
+  clip::ChartPanel panel;
+  panel.series.push_back({"probe", "#000", {{0, 0.5}, {1, 1}, {2, 2}, {4, 3}, {8, 4}, {16, 5}}, true});
+  panel.x_scale = clip::AxisScale::log2;
+  const std::string svg = clip::render_svg_chart("log axis", {panel});
+  const char* xs[] = {"80.0", "277.5", "475.0", "672.5", "870.0"};
+  for (int i = 0; i < 5; ++i) {
+    BOOST_TEST(contains(svg, "<text x=\"" + std::string(xs[i]) + "\" y=\"412\" text-anchor=\"middle\">" +
+                                 std::to_string(1 << i) + "</text>"), xs[i]);
+    BOOST_TEST(contains(svg, "<circle cx=\"" + std::string(xs[i]) + "\""), xs[i]);
+  }
+  BOOST_TEST(!contains(svg, ">0.5<"));  // the x = 0 point added no tick and no extent
+  std::string numbers = svg;  // every attribute but the word "dominant-baseline" that holds "nan"
+  for (size_t at; (at = numbers.find("dominant-baseline")) != std::string::npos;) numbers.erase(at, 17);
+  BOOST_TEST(!contains(numbers, "nan"));
+  BOOST_TEST(!contains(numbers, "inf"));
 }
 
 BOOST_AUTO_TEST_CASE(long_series_are_thinned_by_averaging) {

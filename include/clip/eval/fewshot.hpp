@@ -138,7 +138,8 @@ inline std::vector<FewShotPoint> fewshot_probe(const LabeledFeatures& train, con
 }
 
 // The paper's figure 6 for one model: mean top-1 accuracy (with the spread over seeds) against
-// shots per class on a log2 axis, the zero-shot accuracy as a horizontal line.
+// shots per class on a log axis (ticks at 1, 2, 4, ...), the zero-shot accuracy as a horizontal
+// line across the whole plot.
 inline std::string fewshot_svg(const std::string& title, const std::vector<FewShotPoint>& points,
                                std::optional<double> zero_shot_acc1) {
   ChartSeries mean{"linear probe (mean over seeds)", "#1f77b4", {}, true, 2.0};
@@ -147,7 +148,7 @@ inline std::string fewshot_svg(const std::string& title, const std::vector<FewSh
   bool any = false;
   for (const FewShotPoint& p : points) {
     if (!p.available()) continue;
-    const double x = std::log2(double(p.shots)), m = 100 * p.mean(&ClassificationMetrics::acc1),
+    const double x = double(p.shots), m = 100 * p.mean(&ClassificationMetrics::acc1),
                  sd = 100 * p.spread(&ClassificationMetrics::acc1);
     mean.points.emplace_back(x, m);
     low.points.emplace_back(x, m - sd);
@@ -158,13 +159,16 @@ inline std::string fewshot_svg(const std::string& title, const std::vector<FewSh
   }
   ChartPanel panel;
   panel.title = "Few-shot linear probe";
-  panel.x_label = "log2(labeled examples per class): 0 = 1, 4 = 16";
+  panel.x_label = "labeled training examples per class (log scale)";
+  panel.x_scale = AxisScale::log2;
+  // A quarter of a doubling of room on either side, so the end points do not sit on the frame.
+  if (any) panel.x_min = x_lo / std::exp2(0.25), panel.x_max = x_hi * std::exp2(0.25);
   panel.y_label = "top-1 accuracy (%)";
   panel.legend_bottom = true;
   panel.empty_note = "no k had enough examples in every class";
   if (zero_shot_acc1 && any)
-    panel.series.push_back({"zero-shot", "#d62728", {{x_lo, 100 * *zero_shot_acc1}, {x_hi, 100 * *zero_shot_acc1}},
-                            false, 2.0});
+    panel.series.push_back({"zero-shot (" + detail::tick_label(100 * *zero_shot_acc1, 0.1) + "%)", "#d62728",
+                            {{*panel.x_min, 100 * *zero_shot_acc1}, {*panel.x_max, 100 * *zero_shot_acc1}}, false, 2.0});
   if (!mean.points.empty()) {
     panel.series.push_back(low);
     panel.series.push_back(high);

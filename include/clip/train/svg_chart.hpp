@@ -1,6 +1,7 @@
 // Line charts as one self-contained SVG document (no scripts, fonts or files it links to), for
 // training curves a browser opens: panels stacked vertically, each with its axes, ticks at
-// round values (1, 2 or 5 times a power of ten), axis labels, a title and a legend.
+// round values (1, 2 or 5 times a power of ten; on a log2 axis, the powers of two), axis labels,
+// a title and a legend.
 //
 //   clip::ChartPanel loss{"Training loss", "step", "loss", {{"loss", "#1f77b4", points}}};
 //   std::string svg = clip::render_svg_chart("run 1", {loss});
@@ -28,12 +29,17 @@ struct ChartSeries {
   double width = 1.5;                             // stroke width in pixels
 };
 
+// How x values map to positions: linear, or by log2(x) with ticks at powers of two (x <= 0 is
+// skipped), as the CLIP paper's few-shot figures put shots per class.
+enum class AxisScale { linear, log2 };
+
 struct ChartPanel {
   std::string title, x_label, y_label;
   std::vector<ChartSeries> series;
   std::optional<double> x_min, x_max, y_min, y_max;  // fixed ends of an axis (else: the data's)
   std::string empty_note = "no data yet";            // shown when no series has a point
   bool legend_bottom = false;  // the legend in the bottom right corner (for rising curves), else top right
+  AxisScale x_scale = AxisScale::linear;  // x_min and x_max are data values either way
 };
 
 namespace detail {
@@ -74,6 +80,27 @@ inline std::vector<double> nice_ticks(double lo, double hi, int target = 6) {
   std::vector<double> ticks;
   for (double t = std::ceil(lo / step - 1e-9) * step; t <= hi + step * 1e-9; t += step)
     ticks.push_back(std::abs(t) < step * 1e-9 ? 0.0 : t);
+  return ticks;
+}
+
+struct AxisTick {
+  double at;          // in axis units (log2 of the value on a log2 axis)
+  std::string label;  // the value
+};
+
+// Ticks of a log2 axis spanning [lo, hi] in log2 units: the powers of two inside it, every one
+// while there are at most `target` + 2 of them, else every second, fourth, ... exponent.
+inline std::vector<AxisTick> log2_ticks(double lo, double hi, int target = 8) {
+  std::vector<AxisTick> ticks;
+  if (!(hi >= lo) || !std::isfinite(lo) || !std::isfinite(hi)) return ticks;
+  const double first = std::ceil(lo - 1e-9), last = std::floor(hi + 1e-9);
+  int every = 1;
+  while ((last - first) / every + 1 > target + 2) every *= 2;
+  for (double e = first; e <= last; e += every) {
+    char s[32];
+    std::snprintf(s, sizeof s, "%g", std::exp2(e));
+    ticks.push_back({e, s});
+  }
   return ticks;
 }
 
@@ -133,9 +160,14 @@ inline std::string render_svg_chart(const std::string& title, const std::vector<
 
     // The data's extent, widened where the panel fixes an end.
     double xlo = std::numeric_limits<double>::infinity(), xhi = -xlo, ylo = xlo, yhi = -xlo;
+    // On a log2 axis everything below is in log2 units; thin() drops the log of x <= 0.
+    const bool log_x = panel.x_scale == AxisScale::log2;
+    auto axis_x = [&](double x) { return log_x ? std::log2(x) : x; };
     std::vector<std::vector<std::pair<double, double>>> shown;
     for (const ChartSeries& s : panel.series) {
-      shown.push_back(detail::thin(s.points, static_cast<size_t>(plot_w)));
+      std::vector<std::pair<double, double>> points = s.points;
+      for (auto& p : points) p.first = axis_x(p.first);
+      shown.push_back(detail::thin(points, static_cast<size_t>(plot_w)));
       for (const auto& [x, y] : shown.back()) {
         xlo = std::min(xlo, x), xhi = std::max(xhi, x);
         ylo = std::min(ylo, y), yhi = std::max(yhi, y);
@@ -143,8 +175,8 @@ inline std::string render_svg_chart(const std::string& title, const std::vector<
     }
     const bool empty = !(xlo <= xhi);
     if (empty) xlo = 0, xhi = 1, ylo = 0, yhi = 1;
-    if (panel.x_min) xlo = *panel.x_min;
-    if (panel.x_max) xhi = *panel.x_max;
+    if (panel.x_min) xlo = axis_x(*panel.x_min);
+    if (panel.x_max) xhi = axis_x(*panel.x_max);
     if (panel.y_min) ylo = *panel.y_min;
     if (panel.y_max) yhi = *panel.y_max;
     if (!(xhi > xlo)) xhi = xlo + 1;
@@ -156,7 +188,8 @@ inline std::string render_svg_chart(const std::string& title, const std::vector<
       if (!panel.y_min) ylo -= pad;
       if (!panel.y_max) yhi += pad;
     }
-    const std::vector<double> xt = detail::nice_ticks(xlo, xhi), yt = detail::nice_ticks(ylo, yhi);
+    const std::vector<double> xt = log_x ? std::vector<double>{} : detail::nice_ticks(xlo, xhi),
+                              yt = detail::nice_ticks(ylo, yhi);
     // Axes end on round values, so the outermost ticks sit at the corners.
     if (!panel.x_min && xt.size() > 1) xlo = std::min(xlo, xt.front());
     if (!panel.y_min && yt.size() > 1) ylo = std::min(ylo, yt.front());
@@ -166,13 +199,14 @@ inline std::string render_svg_chart(const std::string& title, const std::vector<
 
     // Grid, ticks and their labels.
     const double xstep = xt.size() > 1 ? xt[1] - xt[0] : 1, ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
-    for (double t : xt) {
-      if (t < xlo - 1e-9 * (xhi - xlo) || t > xhi + 1e-9 * (xhi - xlo)) continue;
-      const std::string x = svg_number(px(t));
+    std::vector<detail::AxisTick> x_ticks = log_x ? detail::log2_ticks(xlo, xhi) : std::vector<detail::AxisTick>{};
+    for (double t : xt) x_ticks.push_back({t, detail::tick_label(t, xstep)});
+    for (const detail::AxisTick& t : x_ticks) {
+      if (t.at < xlo - 1e-9 * (xhi - xlo) || t.at > xhi + 1e-9 * (xhi - xlo)) continue;
+      const std::string x = svg_number(px(t.at));
       svg += "<line x1=\"" + x + "\" y1=\"" + std::to_string(plot_top) + "\" x2=\"" + x + "\" y2=\"" +
              std::to_string(plot_bottom + 5) + "\" stroke=\"#e0e0e0\"/>\n<text x=\"" + x + "\" y=\"" +
-             std::to_string(plot_bottom + 18) + "\" text-anchor=\"middle\">" + detail::tick_label(t, xstep) +
-             "</text>\n";
+             std::to_string(plot_bottom + 18) + "\" text-anchor=\"middle\">" + svg_escape(t.label) + "</text>\n";
     }
     for (double t : yt) {
       if (t < ylo - 1e-9 * (yhi - ylo) || t > yhi + 1e-9 * (yhi - ylo)) continue;
