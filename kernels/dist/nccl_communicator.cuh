@@ -228,10 +228,11 @@ class NcclCommunicator final : public dist::Communicator {
   cudaEvent_t ready_ = nullptr;  // the compute stream's point each collective starts after
   DeviceBuffer<float> token_;    // barrier()'s one float
 
+  std::mutex pool_mutex_;  // guards free_events_ (its own: events return from under mutex_)
+  std::vector<cudaEvent_t> free_events_;
   std::mutex mutex_;  // guards everything below
   std::condition_variable wake_;
   std::deque<InFlight> in_flight_;          // in comm-stream order
-  std::vector<cudaEvent_t> free_events_;
   const char* host_call_ = nullptr;         // a blocking NCCL call under way on the main thread
   Clock::time_point host_call_started_;
   ncclComm_t watched_comm_ = nullptr;      // comm_, once ncclCommInitRank has returned it
@@ -257,7 +258,7 @@ class NcclCommunicator final : public dist::Communicator {
   SharedEvent acquire_event() {
     cudaEvent_t e = nullptr;
     {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::lock_guard<std::mutex> lock(pool_mutex_);
       if (!free_events_.empty()) {
         e = free_events_.back();
         free_events_.pop_back();
@@ -265,7 +266,7 @@ class NcclCommunicator final : public dist::Communicator {
     }
     if (!e) CLIP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     return SharedEvent(new cudaEvent_t(e), [this](cudaEvent_t* p) {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::lock_guard<std::mutex> lock(pool_mutex_);
       free_events_.push_back(*p);
       delete p;
     });
