@@ -424,8 +424,9 @@ void install_stop_handlers() {
   action.sa_flags = SA_RESTART | SA_RESETHAND;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
-  // mpirun forwards SIGUSR1 to every rank and leaves them running (on SIGTERM it kills them a
-  // second later, too soon for a checkpoint): `kill -USR1 <mpirun>` stops a parallel run cleanly.
+  // mpirun forwards SIGUSR1 to every rank and leaves them running: `kill -USR1 <mpirun>` stops a
+  // parallel run cleanly. (On SIGTERM it sends SIGTERM odls_base_sigkill_timeout seconds later,
+  // default 1, and SIGKILL as long after: README.)
   sigaction(SIGUSR1, &action, nullptr);
 }
 
