@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -20,6 +19,7 @@
 #include "clip/clip.hpp"
 #include "clip/dist/communicator.hpp"
 #include "clip/train/init.hpp"
+#include "flat_params.hpp"
 #include "golden_variants.hpp"
 #include "kernels/clip_cuda.cuh"
 #include "kernels/dist/nccl_communicator.cuh"
@@ -114,16 +114,7 @@ BOOST_AUTO_TEST_CASE(nccl_timeout_comes_from_the_environment) {
 
 namespace {
 
-using Values = std::map<std::string, std::vector<float>>;
-template <class P>
-Values parameter_values(const P& params) {
-  Values out;
-  clip::for_each_tensor(params, [&](const std::string& name, const auto& t, clip::Role role) {
-    if constexpr (!clip::is_counter_v<decltype(t)>)
-      if (role == clip::Role::parameter) out[name] = std::vector<float>(t.data(), t.data() + t.numel);
-  });
-  return out;
-}
+using Values = clip::test::TensorValues;
 
 struct Run {
   std::vector<double> losses;
@@ -154,11 +145,11 @@ Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int
     out.norms.push_back(r.grad_norm);
     if (s == 0) {
       trainer.download();
-      out.first_moments = parameter_values(trainer.optimizer().m());
+      out.first_moments = clip::test::tensor_values(trainer.optimizer().m());
     }
   }
   trainer.download();
-  out.weights = parameter_values(*params);
+  out.weights = clip::test::tensor_values(*params);
   return out;
 }
 
