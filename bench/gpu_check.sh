@@ -6,7 +6,8 @@
 #   bench/gpu_check.sh [bundle]          (default: build-gpu/bundle beside this script's folder)
 #
 # 1. nvidia-smi and the bundle's build information;
-# 2. every GPU test program (bin/test_cuda_*): exit 0 passes, 77 skips (no GPU), anything else fails;
+# 2. every GPU test program (bin/test_cuda_*): exit 0 passes, 77 skips (no GPU), anything else fails
+#    (test_cuda_nccl: the NCCL communicator and the Trainer's step through it, one process);
 # 3. the kernel benchmarks (clip-bench-cuda-kernels), then the models (clip-bench-cuda-models);
 # 4. the same models in PyTorch (bench/pytorch_gpu.py): eager, then torch.compile (training first);
 # 5. one table of everything (bench/gpu_check_table.py), with the ratios and targets.

@@ -424,8 +424,9 @@ void install_stop_handlers() {
   action.sa_flags = SA_RESTART | SA_RESETHAND;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
-  // mpirun forwards SIGUSR1 to every rank and leaves them running (on SIGTERM it kills them a
-  // second later, too soon for a checkpoint): `kill -USR1 <mpirun>` stops a parallel run cleanly.
+  // mpirun forwards SIGUSR1 to every rank and leaves them running: `kill -USR1 <mpirun>` stops a
+  // parallel run cleanly. (On SIGTERM it sends SIGTERM odls_base_sigkill_timeout seconds later,
+  // default 1, and SIGKILL as long after: README.)
   sigaction(SIGUSR1, &action, nullptr);
 }
 
@@ -616,7 +617,7 @@ void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
 
 template <class Cfg, clip::Device D>
 int train(const Arguments& args, const RunOptions& run, const std::optional<clip::CheckpointInfo>& resumed,
-          const fs::path& resume_path, const char* argv0, clip::dist::Communicator& comm) {
+          const fs::path& resume_path, const char* argv0, clip::dist::Communicator& comm, int gpu) {
   using Trainer = clip::Trainer<Cfg, D>;
   constexpr int R = Cfg::image_resolution, T = Cfg::context_length;
   const fs::path out = args.output;
@@ -670,9 +671,15 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   options.zero1 = args.zero1;
   Trainer trainer = [&] {
     if constexpr (D == clip::Device::cuda) {
-      CLIP_CHECK(comm.size() == 1 && !args.zero1,
-                 "--device cuda trains in one process; several processes (and --zero1) train on the CPU");
-      return Trainer(model.params(), options, args.device.precision());
+      // One process per GPU, the node-local rank's GPU; the collectives over NCCL.
+      CLIP_CHECK(!args.zero1 && !(args.sync_bn && comm.size() > 1),
+                 "--device cuda does not shard the optimizer (--zero1) or synchronise BatchNorm (--sync-bn) yet: "
+                 "these train on the CPU");
+      if (comm.size() == 1) return Trainer(model.params(), options, args.device.precision());
+      std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes logits [%lld, %lld] on every "
+                  "rank\n", kProgram, comm.rank(), gpu, static_cast<long long>(run.batch),
+                  static_cast<long long>(run.batch));
+      return Trainer(model.params(), options, args.device.precision(), gpu, &comm);
     } else {
       return Trainer(model.params(), options, &comm, args.device.precision());
     }
@@ -886,11 +893,13 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
 int main(int argc, char** argv) {
   // Under mpirun the ranks are data-parallel processes; a plain run is one process without MPI.
   std::unique_ptr<clip::dist::Communicator> comm;
+  int gpu = 0;  // --device cuda: the node-local rank's GPU
 #if CLIP_WITH_MPI
   std::optional<clip::dist::MpiSession> mpi;
   try {
     mpi.emplace();
     comm = mpi->communicator();
+    if (mpi->active()) gpu = clip::dist::node_rank();
   } catch (const std::exception& e) {
     return cli::failure(kProgram, e.what());
   }
@@ -933,7 +942,7 @@ int main(int argc, char** argv) {
                                   "the run (variant, batch, seed, data, schedule)");
       return cli::with_built_variant(model, [&]<class Cfg>(Cfg) {
         return cli::with_device(args.device.device, [&]<clip::Device D>() {
-          return train<Cfg, D>(args, run, resumed, resume_path, argv[0], *comm);
+          return train<Cfg, D>(args, run, resumed, resume_path, argv[0], *comm, gpu);
         });
       });
     } catch (const std::exception& e) {

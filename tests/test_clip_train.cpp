@@ -644,6 +644,37 @@ BOOST_AUTO_TEST_CASE(sigusr1_to_mpirun_checkpoints_and_stops) {
   BOOST_TEST(metrics(out).train.rbegin()->first == step, "the checkpoint is at the last logged step");
 }
 
+// SIGTERM to mpirun: Open MPI sends the ranks SIGCONT, waits odls_base_sigkill_timeout seconds,
+// sends SIGTERM, waits as long again, then SIGKILL. With a timeout longer than a step and a
+// checkpoint, the ranks stop as one process does: they agree on a step, rank 0 writes its
+// checkpoint (mpirun's own status is 1, not the ranks' 130).
+BOOST_AUTO_TEST_CASE(sigterm_to_mpirun_with_a_sigkill_timeout_checkpoints_and_stops) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  const std::string out = dir / "out";
+  std::vector<std::string> args{"--mca", "odls_base_sigkill_timeout", "3"};
+  for (const std::string& a : mpi_args(2, data().args(out, {"--steps", "100000", "--checkpoint-every", "0"})))
+    args.push_back(a);
+  clip::test::RunningProgram run("CLIP_MPIRUN", args);
+  const fs::path log = fs::path(out) / "metrics.jsonl";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while ((!fs::exists(log) || clip::read_metrics(log).size() < 2) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto signalled = std::chrono::steady_clock::now();
+  run.signal(SIGTERM);
+  const Result r = run.wait();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
+  BOOST_TEST_MESSAGE("SIGTERM to mpirun with odls_base_sigkill_timeout 3: exit " << r.status << " after " << seconds
+                                                                                 << " s");
+  BOOST_TEST(r.status != 0);
+  BOOST_TEST(seconds <= 30);
+  BOOST_TEST(contains(r.err + r.out, "interrupted after step"), r.err);
+  const fs::path last = clip::latest_checkpoint(out);
+  const int64_t step = clip::read_checkpoint_info(last).step;
+  BOOST_TEST(step >= 2);
+  BOOST_TEST(metrics(out).train.rbegin()->first == step, "the checkpoint is at the last logged step");
+}
+
 // Ranks given different batch sizes (mpirun's MPMD form): refused before step 1.
 BOOST_AUTO_TEST_CASE(ranks_that_disagree_are_refused) {
   if (!have_mpirun()) return;

@@ -28,6 +28,16 @@
 // gradients of the whole batch; (3) per micro-batch, forward again (running statistics updated)
 // and backward with its rows of the feature gradients. Activations are planned for one micro-batch.
 // Nothing is allocated inside a step (cuBLASLt plans are cached per shape on first use).
+//
+// Data parallel, one process per GPU (given a device Communicator, kernels/dist/): each rank
+// passes its slice of the global batch (dist::batch_slice), as the CPU Trainer. Its features go
+// into its rows of the [B, E] buffers, which are gathered; the gradients are summed in buckets of
+// the flat gradient buffer, the image tower's started as soon as its backward is done (on the
+// communicator's stream, overlapping the text tower's backward). The loss differs from the CPU
+// Trainer's here: the GPU contrastive loss computes the whole batch, so every rank computes it
+// all on the gathered features (logits [B, B] per rank, the same values on every rank) and
+// keeps its own rows of the feature gradients; the reduce-scatter of the CPU's rows variant is
+// not needed then. logit_scale's gradient is counted on rank 0 only, so that the sum is once.
 #pragma once
 
 #include <algorithm>
@@ -40,6 +50,8 @@
 
 #include "clip/config/dims.hpp"
 #include "clip/cuda/trainer.hpp"
+#include "clip/dist/communicator.hpp"
+#include "clip/dist/gradient_buckets.hpp"
 #include "clip/ops/embedding.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/adamw_math.hpp"
@@ -52,6 +64,9 @@
 #include "kernels/context.cuh"
 #include "kernels/contrastive_loss.cuh"
 #include "kernels/device_buffer.cuh"
+#if CLIP_WITH_NCCL
+#include "kernels/dist/nccl_communicator.cuh"
+#endif
 #include "kernels/grad_norm.cuh"
 #include "kernels/models/cuda_model.cuh"
 #include "kernels/storage.cuh"
@@ -95,9 +110,13 @@ class TrainNet {
   static constexpr bool has_running_stats = dims<Cfg>::is_resnet;
 
   // Activations are planned for one micro-batch (options.micro_batch, 0: the whole batch).
-  TrainNet(Context& ctx, Params& host, TrainOptions options)
-      : ctx_(ctx), options_(checked(options)),
-        net_(ctx, host, host, options_.micro_batch, /*training=*/true, options_.recompute),
+  // `comm`: the processes sharing each step, a device communicator on ctx's GPU whose compute
+  // stream is ctx.stream() (null: this one alone, no collective at all); it must outlive this.
+  TrainNet(Context& ctx, Params& host, TrainOptions options, dist::Communicator* comm = nullptr)
+      : ctx_(ctx), options_(checked(options)), comm_(comm),
+        slice_(dist::batch_slice(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
+        micro_(std::min(options_.micro_batch, slice_.rows)),
+        net_(ctx, host, host, micro_, /*training=*/true, options_.recompute),
         m_(net_.weights().size()), v_(net_.weights().size()),
         features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
         loss_arena_(ContrastiveLossScratch<E>::bytes(options_.batch)), loss_scratch_(loss_arena_, options_.batch),
@@ -110,22 +129,31 @@ class TrainNet {
     for (const WeightEntry& e : net_.weights().layout().entries())
       if (e.role == Role::parameter) trained.push_back({e.offset, e.numel, clip::adamw_decays(e.name, e.rank)});
     table_ = MultiTensorTable(ctx, trained, net_.weights().size());
+    if (comm_) {
+      CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
+                 comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
+      plan_gradient_sums();
+      dscale_sink_ = DeviceBuffer<float>(1);
+      dscale_sink_.zero(ctx.stream());
+    }
     ctx.synchronize();
   }
 
-  // One optimizer step on a device batch: images [B, 3, R, R] fp32, ids [B, T], pool positions [B]
-  // and positions = max(pool) + 1 (TextBatch::from_host). Under accumulation each micro-batch's
-  // text runs max(its pool) + 1 positions when host_pool (the same [B] positions on the host) is
-  // given, otherwise the whole batch's `positions` (same values, more work).
+  // One optimizer step on a device batch: images [n, 3, R, R] fp32, ids [n, T], pool positions [n]
+  // and positions = max(pool) + 1 (TextBatch::from_host), the n = slice().rows pairs of this rank
+  // (one process: the whole batch). Under accumulation each micro-batch's text runs max(its
+  // pool) + 1 positions when host_pool (the same [n] positions on the host) is given, otherwise
+  // the whole slice's `positions` (same values, more work).
   StepResult step(const float* d_images, const int32_t* d_tokens, const int32_t* d_pool, int64_t positions,
                   const int32_t* host_pool = nullptr) {
-    const int64_t B = options_.batch, M = options_.micro_batch;
+    const int64_t B = slice_.rows, M = micro_;  // this rank's rows (the rest of the step says B for them)
+    const int64_t first = slice_.first, global = options_.batch;
     auto& W = net_.weights();
     Params& p = net_.keys();
-    S* img = features_.data();
-    S* txt = features_.data() + B * E;
-    S* d_img = d_features_.data();
-    S* d_txt = d_features_.data() + B * E;
+    S* img = features_.data() + first * E;             // this rank's rows of [global, E]
+    S* txt = features_.data() + (global + first) * E;
+    S* d_img = d_features_.data() + first * E;
+    S* d_txt = d_features_.data() + (global + first) * E;
 
     // The temperature of this step's loss, before AdamW moves it: into its read-back slot.
     CLIP_CUDA_CHECK(cudaMemcpyAsync(&slots()->logit_scale, W.master(p.logit_scale), sizeof(float),
@@ -133,8 +161,9 @@ class TrainNet {
     if (M == B) {
       net_.image_forward_train(d_images, img, B, /*update_running_stats=*/true);
       net_.text_forward_train(d_tokens, d_pool, positions, txt, B);
-      loss(B);
+      loss(global);
       net_.image_backward(d_img, B);
+      start_gradient_sums(image_sums_);  // overlaps the text tower's backward
       net_.text_backward(d_txt, B);
     } else {
       for (int64_t b = 0; b < B; b += M) {  // 1. features only
@@ -143,7 +172,7 @@ class TrainNet {
         net_.text_forward_train(d_tokens + b * T, d_pool + b, micro_positions(host_pool, b, n, positions),
                                 txt + b * E, n);
       }
-      loss(B);  // 2. the whole batch
+      loss(global);  // 2. the whole batch
       if constexpr (has_running_stats) {
         // The CPU refuses a failed loss before pass 3 touches the running statistics.
         read_back();
@@ -158,7 +187,10 @@ class TrainNet {
                                 txt + b * E, n);
         net_.text_backward(d_txt + b * E, n);
       }
+      start_gradient_sums(image_sums_);
     }
+    start_gradient_sums(text_sums_);  // logit_scale's among them
+    finish_gradient_sums();
 
     // The global norm of the trained tensors' gradients (logit_scale's included), then the one
     // read-back of the step.
@@ -185,6 +217,7 @@ class TrainNet {
   int64_t steps() const { return steps_; }
   void set_steps(int64_t s) { steps_ = s; }
   const TrainOptions& options() const { return options_; }
+  dist::Slice slice() const { return slice_; }
   ClipNet<Cfg, S>& net() { return net_; }
   float* m_data() { return m_.data(); }
   float* v_data() { return v_.data(); }
@@ -192,6 +225,9 @@ class TrainNet {
  private:
   Context& ctx_;
   TrainOptions options_;
+  dist::Communicator* comm_;           // null: one process, no collective
+  dist::Slice slice_;                  // this rank's rows of the global batch
+  int64_t micro_;                      // pairs per forward/backward on this rank
   ClipNet<Cfg, S> net_;
   DeviceBuffer<float> m_, v_;
   MultiTensorTable table_;
@@ -203,6 +239,14 @@ class TrainNet {
   trainer_detail::PinnedReadback pinned_;
   trainer_detail::StepReadback* host_ = pinned_.get();
   int64_t steps_ = 0;
+  // Ranges [first, first + n) of the flat gradient buffer summed across ranks as one collective
+  // each (buckets of GradientBuckets::kBucketFloats): the image tower's, then the rest.
+  struct Range {
+    int64_t first, n;
+  };
+  std::vector<Range> image_sums_, text_sums_;
+  std::vector<std::unique_ptr<dist::PendingCollective>> pending_;
+  DeviceBuffer<float> dscale_sink_;    // ranks other than 0: where their copy of d logit_scale goes
 
   trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
 
@@ -225,12 +269,62 @@ class TrainNet {
 
   // The whole batch's loss (into the read-back slot) and feature gradients; logit_scale's
   // gradient is added to its slot (gradients are zero between steps). Nothing is checked here.
+  // With a communicator, every rank's features are gathered first (S moved as floats: a gather
+  // only copies) and logit_scale's gradient counts on rank 0 only.
   void loss(int64_t B) {
     auto& W = net_.weights();
     Params& p = net_.keys();
+    float* d_scale = W.g(p.logit_scale);
+    if (comm_) {
+      static_assert((E * sizeof(S)) % sizeof(float) == 0, "a feature row must be a whole number of floats");
+      const std::vector<int64_t> counts =
+          dist::slice_counts(B, comm_->size(), static_cast<int64_t>(E * sizeof(S) / sizeof(float)));
+      comm_->all_gather(reinterpret_cast<float*>(features_.data()), counts);
+      comm_->all_gather(reinterpret_cast<float*>(features_.data() + B * E), counts);
+      if (comm_->rank() != 0) {
+        d_scale = dscale_sink_.data();
+        CLIP_CUDA_CHECK(cudaMemsetAsync(d_scale, 0, sizeof(float), ctx_.stream()));
+      }
+    }
     contrastive_loss<E, S>(ctx_, loss_scratch_, features_.data(), features_.data() + B * E, B, W.master(p.logit_scale),
-                           d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr, W.g(p.logit_scale),
-                           &slots()->loss);
+                           d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr, d_scale, &slots()->loss);
+  }
+
+  // The image tower's gradients (names "visual.*") and the rest, as ranges of the flat buffer:
+  // the layout keeps each tower's tensors together (checked), so each is one range, cut into
+  // buckets. Should a layout interleave them, everything is summed after the text tower.
+  void plan_gradient_sums() {
+    const WeightLayout& layout = net_.weights().layout();
+    int64_t lo = layout.size(), hi = 0;
+    for (const WeightEntry& e : layout.entries())
+      if (e.name.starts_with("visual.")) lo = std::min(lo, e.offset), hi = std::max(hi, e.offset + e.numel);
+    bool separate = lo < hi;
+    for (const WeightEntry& e : layout.entries())
+      if (!e.name.starts_with("visual.") && e.offset < hi && e.offset + e.numel > lo) separate = false;
+    const auto cut = [](std::vector<Range>& into, int64_t first, int64_t end) {
+      for (int64_t at = first; at < end; at += dist::GradientBuckets::kBucketFloats)
+        into.push_back({at, std::min(dist::GradientBuckets::kBucketFloats, end - at)});
+    };
+    if (separate) {
+      cut(image_sums_, lo, hi);
+      cut(text_sums_, 0, lo);
+      cut(text_sums_, hi, layout.size());
+    } else {
+      cut(text_sums_, 0, layout.size());
+    }
+    pending_.reserve(image_sums_.size() + text_sums_.size());
+  }
+
+  void start_gradient_sums(const std::vector<Range>& ranges) {
+    if (!comm_) return;
+    float* g = net_.weights().grad_data();
+    for (const Range& r : ranges) pending_.push_back(comm_->start_all_reduce_sum(g + r.first, r.n));
+  }
+
+  // The compute stream waits for every sum (the host does not).
+  void finish_gradient_sums() {
+    for (auto& p : pending_) p->wait();
+    pending_.clear();
   }
 
   // The micro-batch [b, b + n)'s text positions: max(pool) + 1 over its rows when the host pool
@@ -288,6 +382,7 @@ struct Trainer<Cfg, Device::cuda>::Impl {
   Params& host;
   cuda::Precision precision;
   cuda::Context ctx;
+  std::unique_ptr<dist::Communicator> nccl;  // the step's collectives (null: one GPU, none)
   std::unique_ptr<cuda::TrainNet<Cfg, float>> net32;
   std::unique_ptr<cuda::TrainNet<Cfg, cuda::bf16>> net16;
   AdamW<Params> mirror;
@@ -295,11 +390,22 @@ struct Trainer<Cfg, Device::cuda>::Impl {
   cuda::DeviceBuffer<int32_t> ids, pool;
   std::vector<int32_t> host_pool;  // [B] pool positions of the current batch (its upload's source)
 
-  Impl(Params& h, TrainOptions options, cuda::Precision p, int device)
-      : host(h), precision(p), ctx(device), mirror(h, options.adam), images(options.batch * 3 * R * R),
-        ids(options.batch * T), pool(options.batch), host_pool(static_cast<size_t>(std::max<int64_t>(options.batch, 0))) {
-    if (p == cuda::Precision::fp32) net32 = std::make_unique<cuda::TrainNet<Cfg, float>>(ctx, h, options);
-    else net16 = std::make_unique<cuda::TrainNet<Cfg, cuda::bf16>>(ctx, h, options);
+  Impl(Params& h, TrainOptions options, cuda::Precision p, int device, dist::Communicator* host_comm)
+      : host(h), precision(p), ctx(device), nccl(make_nccl(host_comm, device, ctx.stream())), mirror(h, options.adam),
+        images(options.batch * 3 * R * R), ids(options.batch * T), pool(options.batch),
+        host_pool(static_cast<size_t>(std::max<int64_t>(options.batch, 0))) {
+    if (p == cuda::Precision::fp32) net32 = std::make_unique<cuda::TrainNet<Cfg, float>>(ctx, h, options, nccl.get());
+    else net16 = std::make_unique<cuda::TrainNet<Cfg, cuda::bf16>>(ctx, h, options, nccl.get());
+  }
+
+  static std::unique_ptr<dist::Communicator> make_nccl(dist::Communicator* host_comm, int device, cudaStream_t stream) {
+    if (!host_comm) return nullptr;
+#if CLIP_WITH_NCCL
+    return std::make_unique<cuda::NcclCommunicator>(*host_comm, device, stream);
+#else
+    (void)device, (void)stream;
+    CLIP_FAIL("this build has no NCCL (not found when it was configured): the GPU trains in one process only");
+#endif
   }
 
   template <class F>
@@ -310,8 +416,9 @@ struct Trainer<Cfg, Device::cuda>::Impl {
 };
 
 template <Variant Cfg>
-Trainer<Cfg, Device::cuda>::Trainer(Params& host, TrainOptions options, cuda::Precision precision, int device)
-    : impl_(std::make_unique<Impl>(host, options, precision, device)) {}
+Trainer<Cfg, Device::cuda>::Trainer(Params& host, TrainOptions options, cuda::Precision precision, int device,
+                                    dist::Communicator* comm)
+    : impl_(std::make_unique<Impl>(host, options, precision, device, comm)) {}
 template <Variant Cfg>
 Trainer<Cfg, Device::cuda>::~Trainer() = default;
 template <Variant Cfg>
@@ -320,7 +427,7 @@ Trainer<Cfg, Device::cuda>::Trainer(Trainer&&) noexcept = default;
 template <Variant Cfg>
 StepResult Trainer<Cfg, Device::cuda>::step(const float* images, const int32_t* tokens) {
   Impl& I = *impl_;
-  const int64_t B = options().batch;
+  const int64_t B = slice().rows;
   // TextBatch::from_host's work into the Impl's own vector (no allocation in a step). The previous
   // step's upload from it is done: every step waits for its read-back, which follows the upload.
   check_token_ids(tokens, B * T, Cfg::vocab_size);
@@ -340,6 +447,10 @@ StepResult Trainer<Cfg, Device::cuda>::step(const float* images, const int32_t* 
 template <Variant Cfg>
 float Trainer<Cfg, Device::cuda>::learning_rate(int64_t step) const {
   return impl_->with([&](auto& net) { return net.learning_rate(step); });
+}
+template <Variant Cfg>
+dist::Slice Trainer<Cfg, Device::cuda>::slice() const {
+  return impl_->with([](auto& net) { return net.slice(); });
 }
 template <Variant Cfg>
 int64_t Trainer<Cfg, Device::cuda>::steps() const {

@@ -6,12 +6,17 @@
 // download(): the step updates the device copy only. optimizer() is a HOST mirror of the AdamW
 // state (m, v, step count) that download() fills and upload() sends back (checkpoints).
 // Micro-batching (TrainOptions::micro_batch < batch) accumulates gradients as the CPU Trainer does.
+//
+// Data parallel, one process per GPU: given the processes' host communicator (MPI under mpirun),
+// the trainer starts an NCCL communicator through it (kernels/dist/nccl_communicator.cuh) and
+// every rank passes its slice() of the global batch to step(); see kernels/models/cuda_trainer.cuh.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 
 #include "clip/config/device.hpp"
+#include "clip/dist/communicator.hpp"
 #include "clip/models/clip_model.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/trainer.hpp"
@@ -33,12 +38,18 @@ class Trainer<Cfg, Device::cuda> {
     return Trainer<Cfg, Device::cpu>::activation_bytes(micro_batch, recompute);
   }
 
-  Trainer(Params& host, TrainOptions options, cuda::Precision precision = cuda::Precision::bf16, int device = 0);
+  // `comm`: the processes sharing each step (null: this GPU alone, no NCCL); every rank calls
+  // this at the same point; it must outlive the trainer. A one-process comm still runs the
+  // step's collectives through NCCL (the W = 1 check of that path).
+  Trainer(Params& host, TrainOptions options, cuda::Precision precision = cuda::Precision::bf16, int device = 0,
+          dist::Communicator* comm = nullptr);
   ~Trainer();
   Trainer(Trainer&&) noexcept;
 
-  // One optimizer step on host images [B, 3, R, R] and token ids [B, T].
+  // One optimizer step on host images [n, 3, R, R] and token ids [n, T], the n = slice().rows
+  // pairs of this rank (one process: the whole batch).
   StepResult step(const float* images, const int32_t* tokens);
+  dist::Slice slice() const;
 
   float learning_rate(int64_t step) const;
   int64_t steps() const;

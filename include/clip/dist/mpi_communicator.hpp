@@ -147,6 +147,18 @@ class MpiCommunicator final : public Communicator {
   }
 };
 
+// This process's rank among the processes on its machine (MPI_COMM_TYPE_SHARED): with one process
+// per GPU, the GPU it drives (llm.c's way). MPI must be initialised.
+inline int node_rank(MPI_Comm comm = MPI_COMM_WORLD) {
+  MPI_Comm node = MPI_COMM_NULL;
+  int rank = 0;
+  if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS)
+    CLIP_FAIL("MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) failed: cannot tell the processes of this machine apart");
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_free(&node);
+  return rank;
+}
+
 // MPI for the life of a program: initialised when launched by mpirun (funneled threads: only
 // the main thread calls MPI), finalised at the end. Without a launcher it does nothing and
 // communicator() is the one-process LocalCommunicator, so a plain run needs no MPI runtime.

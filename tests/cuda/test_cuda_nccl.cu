@@ -1,0 +1,200 @@
+// The NCCL communicator (kernels/dist/nccl_communicator.cuh) at world size 1, one process: its
+// collectives on device buffers, ordered against the compute stream, and the GPU Trainer's step
+// through it (features gathered, gradients summed in buckets over NCCL) against the step without
+// any communicator: losses, gradient norms, first moments (0.1 x the gradients after one step)
+// and weights equal to rounding, fp32 and bf16, whole batch and micro-batches. Several GPUs
+// cannot be tested here (one process, one device); the code above the communicator is the same
+// for any world size.
+#include <boost/test/unit_test.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cuda/gpu.hpp"
+#include "clip/clip.hpp"
+#include "clip/dist/communicator.hpp"
+#include "clip/train/init.hpp"
+#include "flat_params.hpp"
+#include "golden_variants.hpp"
+#include "kernels/clip_cuda.cuh"
+#include "kernels/dist/nccl_communicator.cuh"
+#include "numeric.hpp"
+
+namespace {
+
+using clip::test::ViTTiny;
+using Params = clip::Clip<ViTTiny>::Params;
+
+std::vector<float> ramp(int64_t n, float start) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[i] = start + 0.25f * static_cast<float>(i % 97) - 3.0f * static_cast<float>(i % 5);
+  return v;
+}
+
+struct World1 {
+  clip::dist::LocalCommunicator host;
+  clip::cuda::Context ctx{0};
+  clip::cuda::NcclCommunicator nccl{host, 0, ctx.stream(), 60.0};
+};
+
+// Host -> device on the compute stream; the collectives must wait for these copies (ordering).
+template <class T>
+clip::cuda::DeviceBuffer<T> on_device(World1& w, const std::vector<T>& host) {
+  clip::cuda::DeviceBuffer<T> d(static_cast<int64_t>(host.size()));
+  d.upload(host.data(), static_cast<int64_t>(host.size()), w.ctx.stream());
+  return d;
+}
+
+template <class T>
+std::vector<T> on_host(World1& w, const clip::cuda::DeviceBuffer<T>& d) {
+  std::vector<T> out(static_cast<size_t>(d.size()));
+  d.download(out.data(), d.size(), w.ctx.stream());
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(nccl_collectives_at_world_size_one) {
+  World1 w;
+  BOOST_TEST(w.nccl.rank() == 0);
+  BOOST_TEST(w.nccl.size() == 1);
+  BOOST_TEST(w.nccl.describe() == "NCCL, 1 process");
+  const int64_t n = (int64_t{1} << 20) + 37;  // not a multiple of anything NCCL chunks by
+
+  // All-reduce (float, double, started and waited): the sum over one rank is the data itself.
+  const std::vector<float> values = ramp(n, 1.5f);
+  auto data = on_device(w, values);
+  w.nccl.all_reduce_sum(data.data(), n);
+  BOOST_TEST(on_host(w, data) == values);
+  const std::vector<double> doubles = {1e300, -2.5, 0.1, 3.0};
+  auto d_doubles = on_device(w, doubles);
+  w.nccl.all_reduce_sum(d_doubles.data(), 4);
+  BOOST_TEST(on_host(w, d_doubles) == doubles);
+  auto started = on_device(w, values);
+  auto pending = w.nccl.start_all_reduce_sum(started.data(), n);
+  pending->wait();
+  BOOST_TEST(on_host(w, started) == values);
+
+  // All-gather in place, reduce-scatter out of place (a real copy at W = 1), broadcast of bytes.
+  auto gathered = on_device(w, values);
+  w.nccl.all_gather(gathered.data(), clip::dist::slice_counts(n, 1));
+  BOOST_TEST(on_host(w, gathered) == values);
+  auto send = on_device(w, values);
+  clip::cuda::DeviceBuffer<float> recv(n);
+  recv.zero(w.ctx.stream());
+  w.nccl.reduce_scatter_sum(send.data(), recv.data(), clip::dist::slice_counts(n, 1));
+  BOOST_TEST(on_host(w, recv) == values);
+  const std::vector<float> small = ramp(7, -1.0f);
+  auto bytes = on_device(w, small);
+  w.nccl.broadcast(bytes.data(), 7 * sizeof(float), 0);
+  BOOST_TEST(on_host(w, bytes) == small);
+  w.nccl.barrier();
+
+  // Wrong count tables and roots are refused with a message, not sent to NCCL.
+  BOOST_CHECK_THROW(w.nccl.all_gather(gathered.data(), {n, n}), clip::Error);
+  BOOST_CHECK_THROW(w.nccl.reduce_scatter_sum(send.data(), recv.data(), {-1}), clip::Error);
+  BOOST_CHECK_THROW(w.nccl.broadcast(bytes.data(), 4, 1), clip::Error);
+}
+
+BOOST_AUTO_TEST_CASE(nccl_timeout_comes_from_the_environment) {
+  ::setenv("CLIP_NCCL_TIMEOUT", "12.5", 1);
+  BOOST_TEST(clip::cuda::NcclCommunicator::timeout_from_env() == 12.5);
+  ::setenv("CLIP_NCCL_TIMEOUT", "soon", 1);
+  BOOST_CHECK_THROW(clip::cuda::NcclCommunicator::timeout_from_env(), clip::Error);
+  ::setenv("CLIP_NCCL_TIMEOUT", "-3", 1);
+  BOOST_CHECK_THROW(clip::cuda::NcclCommunicator::timeout_from_env(), clip::Error);
+  ::unsetenv("CLIP_NCCL_TIMEOUT");
+  BOOST_TEST(clip::cuda::NcclCommunicator::timeout_from_env() == clip::cuda::NcclCommunicator::kDefaultTimeoutSeconds);
+}
+
+namespace {
+
+using Values = clip::test::TensorValues;
+
+struct Run {
+  std::vector<double> losses;
+  std::vector<float> norms;
+  Values first_moments;  // after step 1: 0.1 x the (unclipped) gradients
+  Values weights;        // after the last step
+};
+
+// `steps` steps of batch 8 from init_params(7), with or without the NCCL communicator.
+Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int steps) {
+  auto params = std::make_unique<Params>();
+  clip::init_params<ViTTiny>(*params, 7);
+  clip::TrainOptions o;
+  o.batch = 8;
+  o.micro_batch = micro;
+  o.adam.lr = 1e-3f;
+  clip::dist::LocalCommunicator host;
+  clip::Trainer<ViTTiny, clip::Device::cuda> trainer(*params, o, precision, 0, through_nccl ? &host : nullptr);
+  BOOST_TEST(trainer.slice().first == 0);
+  BOOST_TEST(trainer.slice().rows == 8);
+  Run out;
+  std::vector<float> images;
+  std::vector<int32_t> tokens;
+  for (int s = 0; s < steps; ++s) {
+    clip::test::random_batch<ViTTiny>(images, tokens, o.batch, 300 + s);
+    const clip::StepResult r = trainer.step(images.data(), tokens.data());
+    out.losses.push_back(r.loss);
+    out.norms.push_back(r.grad_norm);
+    if (s == 0) {
+      trainer.download();
+      out.first_moments = clip::test::tensor_values(trainer.optimizer().m());
+    }
+  }
+  trainer.download();
+  out.weights = clip::test::tensor_values(*params);
+  return out;
+}
+
+// Each tensor's largest difference relative to its largest magnitude.
+double worst_relative(const Values& a, const Values& b) {
+  double worst = 0;
+  for (const auto& [name, x] : a) {
+    const std::vector<float>& y = b.at(name);
+    double err = 0, scale = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      err = std::max(err, std::abs(double(x[i]) - y[i]));
+      scale = std::max(scale, std::abs(double(x[i])));
+    }
+    if (scale > 0) worst = std::max(worst, err / scale);
+  }
+  return worst;
+}
+
+void expect_same(clip::cuda::Precision precision, int64_t micro, const std::string& what) {
+  const Run plain = train(false, precision, micro, 3);
+  const Run nccl = train(true, precision, micro, 3);
+  double loss = 0, norm = 0;
+  for (size_t s = 0; s < plain.losses.size(); ++s) {
+    loss = std::max(loss, std::abs(plain.losses[s] - nccl.losses[s]) / plain.losses[s]);
+    norm = std::max(norm, std::abs(double(plain.norms[s]) - nccl.norms[s]) / plain.norms[s]);
+  }
+  const double gradients = worst_relative(plain.first_moments, nccl.first_moments);
+  const double weights = worst_relative(plain.weights, nccl.weights);
+  BOOST_TEST_MESSAGE(what << ": loss " << loss << ", gradient norm " << norm << ", gradients (first moments) "
+                          << gradients << ", weights " << weights << " (relative, over 3 steps)");
+  // One process through NCCL adds no arithmetic (a sum over one rank); cuBLASLt may pick its
+  // algorithms per call, hence rounding rather than bit equality.
+  BOOST_TEST(loss <= 1e-6, what << ": loss");
+  BOOST_TEST(norm <= 1e-5, what << ": gradient norm");
+  BOOST_TEST(gradients <= 1e-5, what << ": gradients");
+  BOOST_TEST(weights <= 1e-5, what << ": weights");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_fp32) {
+  expect_same(clip::cuda::Precision::fp32, 8, "fp32, whole batch");
+  expect_same(clip::cuda::Precision::fp32, 3, "fp32, micro-batches 3 + 3 + 2");
+}
+
+BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_bf16) {
+  expect_same(clip::cuda::Precision::bf16, 8, "bf16, whole batch (features gathered as bf16)");
+}
