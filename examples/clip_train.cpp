@@ -772,7 +772,12 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   data.loop = true;
   data.max_shift = run.max_shift;
   data.csv = csv_options(run);
-  clip::data::DataLoader loader(run.train_data, tokenizer, data, clip::data::DataPosition{info.epoch, info.samples});
+  // Each rank prepares only its rows of every global batch (the ranks tell each other the images
+  // they could not decode, so the rows after one shift alike on every rank).
+  clip::data::BatchShare share{comm.size(), comm.rank(), nullptr};
+  if (comm.size() > 1) share.exchange = [&comm](const std::string& bytes) { return clip::dist::all_gather_bytes(comm, bytes); };
+  clip::data::DataLoader loader(run.train_data, tokenizer, data, clip::data::DataPosition{info.epoch, info.samples},
+                                share);
 
   install_stop_handlers();
   const int64_t stop = args.stop_at ? std::min(args.stop_at, total) : total;
@@ -791,12 +796,14 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   while (info.step < stop && !stop_requested()) {
     const auto t0 = std::chrono::steady_clock::now();
     std::optional<clip::data::Batch> batch = loader.next();
-    CLIP_CHECK(batch && batch->size == run.batch, "the training data ran out of samples");
+    CLIP_CHECK(batch && batch->global_size == run.batch, "the training data ran out of samples");
+    CLIP_CHECK(batch->first == slice.first && batch->size == slice.rows, "internal error: rank ", comm.rank(),
+               " got rows [", batch->first, ", +", batch->size, ") of the batch instead of its slice");
     clip::StepResult r;
     try {
-      // Every rank reads the whole batch (a skipped record shifts the rows after it, so the
-      // rows are only known once every record is read) and trains on its slice.
-      r = trainer.step(batch->images.data() + slice.first * 3 * R * R, batch->tokens.data() + slice.first * T);
+      // The loader handed this rank its slice of the global batch alone (the rows the one-process
+      // loader puts there, damaged records anywhere included).
+      r = trainer.step(batch->images.data(), batch->tokens.data());
     } catch (const clip::Error& e) {
       if (!lead) return 1;  // every rank fails alike (the values checked are sums); rank 0 says why
       if (tty && !quiet) std::fputc('\n', stderr);

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -588,6 +589,58 @@ BOOST_AUTO_TEST_CASE(two_processes_equal_one_and_resume_with_one) {
   BOOST_TEST(resumed <= 1e-5);
   BOOST_TEST(weights <= 1e-5);
   BOOST_TEST(resumed_weights <= 1e-5);
+}
+
+// Damaged records among the training data (images that do not decode, a caption that is not
+// UTF-8, a record without a caption), shuffled anywhere into the batches: each rank decodes only
+// its rows and the ranks tell each other the broken images, so W = 2 still trains on the pairs of
+// W = 1 (the same losses and weights) and skips and names the same records.
+BOOST_AUTO_TEST_CASE(damaged_records_keep_two_processes_equal_to_one) {
+  if (!have_mpirun()) return;
+  const TempDir dir;
+  std::string list = write_shards(dir.path / "data", 3, 16, 7);
+  {
+    std::mt19937 rng(11);
+    clip::data::TarWriter tar(dir.path / "data" / "00003.tar");
+    const auto add = [&](const std::string& key, const std::vector<uint8_t>& image, const std::string* caption) {
+      tar.add(key + ".bmp", image);
+      if (caption) tar.add(key + ".txt", bytes(*caption));
+      tar.add(key + ".cls", bytes("1"));
+    };
+    const std::string fine = "green colour", bad_utf8 = "caf\xC3 green";
+    const std::vector<uint8_t> good = bmp(1, rng);
+    add("broken0", std::vector<uint8_t>(good.begin(), good.begin() + 40), &fine);
+    add("good0", bmp(1, rng), &fine);
+    add("broken1", std::vector<uint8_t>{'n', 'o', 't', ' ', 'a', 'n', ' ', 'i', 'm', 'a', 'g', 'e'}, &fine);
+    add("badtext", bmp(1, rng), &bad_utf8);
+    add("broken2", std::vector<uint8_t>(good.begin(), good.begin() + good.size() / 2), &fine);
+    add("nocaption", bmp(1, rng), nullptr);
+    add("good1", bmp(1, rng), &fine);
+    tar.close();
+  }
+  list.replace(list.find("00002}"), 6, "00003}");
+  const auto args = [&](const std::string& out) {
+    std::vector<std::string> a = data().args(out, {"--steps", "8", "--checkpoint-every", "0"});
+    *(std::find(a.begin(), a.end(), "--train-data") + 1) = list;
+    return a;
+  };
+  const std::string one = dir / "one", two = dir / "two";
+  const Result a = train(args(one));  // 55 records, 50 usable: 8 steps of 8 cross an epoch boundary
+  BOOST_TEST_REQUIRE(a.status == 0, a.err);
+  const Result b = MpiRun(2, args(two)).wait();
+  BOOST_TEST_REQUIRE(b.status == 0, b.err);
+  const auto skipped = [](const std::string& err) {
+    const size_t at = err.find("skipped ");
+    return at == std::string::npos ? std::string() : err.substr(at, err.find('\n', at) - at);
+  };
+  BOOST_TEST(skipped(a.err).starts_with("skipped "), a.err);  // the 5 damaged records of epoch 0, and of epoch 1's start
+  BOOST_TEST(skipped(b.err) == skipped(a.err), b.err);
+  BOOST_TEST(contains(b.err, "00003.tar:broken1.bmp"), b.err);
+  const double losses = max_loss_diff(metrics(one), metrics(two));
+  const double weights = max_tensor_diff(fs::path(one) / "weights.safetensors", fs::path(two) / "weights.safetensors");
+  BOOST_TEST_MESSAGE("damaged data, W = 2 vs W = 1, 8 steps: losses " << losses << " relative, weights " << weights);
+  BOOST_TEST(losses <= 1e-5);
+  BOOST_TEST(weights <= 1e-5);
 }
 
 // A rank killed mid-run: mpirun ends the job, non-zero, within 30 s, naming the rank; the last

@@ -2,20 +2,26 @@
 // CSV tables, the shuffle buffer, the augmentation (against crop + resize and against CLIP's
 // preprocessing), and the loader: every sample once per epoch with its caption's tokens and its
 // exact preprocessed image, damaged data skipped and counted, batches bitwise independent of the
-// worker count, and resuming from position() continuing with exactly the original batches.
+// worker count, resuming from position() continuing with exactly the original batches, and the
+// ranks of a data-parallel job each preparing only their rows, exactly the one-process rows.
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/test/unit_test.hpp>
@@ -30,6 +36,7 @@
 #include "clip/data/shards.hpp"
 #include "clip/data/shuffle_buffer.hpp"
 #include "clip/data/tar.hpp"
+#include "clip/dist/communicator.hpp"
 #include "clip/image/decode.hpp"
 #include "clip/image/preprocess.hpp"
 #include "clip/text/bpe_tokenizer.hpp"
@@ -868,6 +875,222 @@ BOOST_AUTO_TEST_CASE(a_loader_built_at_a_position_continues_with_the_same_batche
   BOOST_TEST(positions[5].epoch == 1);
   BOOST_TEST(positions[5].samples >= 3);  // 3 usable records of epoch 1 after the 32 of epoch 0
   BOOST_TEST(positions[5].samples <= 5);  // and up to both damaged ones
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+namespace {
+
+// The collective of BatchShare::exchange for ranks that are threads of this process: every rank
+// waits for all to arrive, then each gets the bytes of all in rank order. Counts the reports
+// (non-empty parts) and remembers who made them.
+class ThreadExchange {
+ public:
+  explicit ThreadExchange(int world) : world_(world), in_(static_cast<size_t>(world)) {}
+
+  std::vector<std::string> exchange(int rank, const std::string& mine) {
+    std::unique_lock lock(mutex_);
+    in_[rank] = mine;
+    const int64_t round = round_;
+    if (++arrived_ == world_) {
+      out_ = in_;
+      for (int r = 0; r < world_; ++r)
+        if (!in_[r].empty()) reporters_.insert(r), ++reports_;
+      arrived_ = 0;
+      ++round_;
+      cv_.notify_all();
+      return out_;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return round_ != round || broken_; }) || broken_)
+      throw std::runtime_error("a rank did not reach the exchange");
+    return out_;
+  }
+
+  void give_up() {
+    std::lock_guard lock(mutex_);
+    broken_ = true;
+    cv_.notify_all();
+  }
+
+  int64_t rounds() const { return round_; }
+  int64_t reports() const { return reports_; }
+  const std::set<int>& reporters() const { return reporters_; }
+
+ private:
+  const int world_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<std::string> in_, out_;
+  int arrived_ = 0;
+  int64_t round_ = 0, reports_ = 0;
+  bool broken_ = false;
+  std::set<int> reporters_;
+};
+
+// What one rank of a shared loader handed out: its batches, and the position and stats after each.
+struct RankRun {
+  std::vector<Batch> batches;
+  std::vector<DataPosition> positions;
+  DataStats stats;
+  std::string error;
+};
+
+// W ranks, each a thread with its own loader on a BatchShare, `n` batches each.
+std::vector<RankRun> run_shared(const std::vector<std::string>& sources, const DataOptions& options, int world, int n,
+                                DataPosition start, ThreadExchange& exchange) {
+  std::vector<RankRun> runs(static_cast<size_t>(world));
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < world; ++r)
+    ranks.emplace_back([&, r] {
+      try {
+        BatchShare share{world, r, [&, r](const std::string& mine) { return exchange.exchange(r, mine); }};
+        DataLoader loader(sources, tokenizer(), options, start, share);
+        for (int i = 0; i < n; ++i) {
+          std::optional<Batch> b = loader.next();
+          if (!b) throw std::runtime_error("the loader ran out of batches");
+          runs[r].batches.push_back(std::move(*b));
+          runs[r].positions.push_back(loader.position());
+        }
+        runs[r].stats = loader.stats();
+      } catch (const std::exception& e) {
+        runs[r].error = e.what();
+        exchange.give_up();
+      }
+    });
+  for (std::thread& t : ranks) t.join();
+  return runs;
+}
+
+// Rows [first, first + rows) of a one-process batch.
+Batch rows_of(const Batch& b, int64_t first, int64_t rows, int64_t image_floats, int64_t T) {
+  Batch out;
+  out.size = rows;
+  out.images.assign(b.images.begin() + first * image_floats, b.images.begin() + (first + rows) * image_floats);
+  out.tokens.assign(b.tokens.begin() + first * T, b.tokens.begin() + (first + rows) * T);
+  out.keys.assign(b.keys.begin() + first, b.keys.begin() + first + rows);
+  out.labels.assign(b.labels.begin() + first, b.labels.begin() + first + rows);
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(batch_shares)
+
+// Each rank of a data-parallel job prepares only its rows, and they are exactly the one-process
+// loader's rows, damaged records (caption checks every rank makes, images only their owner can
+// find broken) anywhere in the batch, across epochs, with and without workers, and resumed.
+BOOST_AUTO_TEST_CASE(each_rank_gets_exactly_its_rows_of_the_one_process_batches) {
+  TempDir dir;
+  const Dataset data(dir, {10, 9, 4});
+  const std::vector<uint8_t> good = png_bytes(test_image(20, 14, image::Mode::RGB, 1));
+  {
+    TarWriter tar(dir.path / "shard-00003.tar");
+    tar.add("d0.png", good), tar.add("d0.txt", "fine");
+    tar.add("d1.png", "not an image"), tar.add("d1.txt", "corrupt image");
+    tar.add("d2.png", good), tar.add("d2.txt", "caf\xC3 bad utf-8");
+    tar.add("d3.png", std::vector<uint8_t>(good.begin(), good.begin() + good.size() / 2)), tar.add("d3.txt", "cut png");
+    tar.add("d4.png", good), tar.add("d4.txt", "  ");
+    tar.add("d5.png", good), tar.add("d5.txt", "fine again");
+    tar.add("d6.png", bytes_of("GIF89a broken")), tar.add("d6.txt", "corrupt gif");
+    tar.close();
+  }
+  // A caption table too: one image file missing (found only by the rank that reads it).
+  for (int i = 0; i < 4; ++i) dir.write("img/" + std::to_string(i) + ".png", png_bytes(test_image(9 + i, 11, image::Mode::RGB, 7 + i)));
+  dir.write("table.csv", bytes_of("filepath,title\nimg/0.png,zero\nimg/1.png,one\nimg/gone.png,missing\n"
+                                  "img/2.png,two\nimg/3.png,three\n"));
+  const std::vector<std::string> sources = {(dir.path / "shard-{00000..00003}.tar").string(),
+                                            (dir.path / "table.csv").string()};
+  // 23 + 7 + 5 records, 6 of them skipped each epoch: 29 usable. 13 batches of 7: three epochs and
+  // the start of a fourth.
+  DataOptions options{.resolution = 12, .context_length = 10, .batch = 7, .workers = 0, .shuffle_buffer = 10,
+                      .seed = 3, .max_shift = 2, .prefetch = 9};
+  const int64_t image_floats = 3 * 12 * 12, T = 10;
+  const int n = 13;
+  DataLoader one(sources, tokenizer(), options);
+  std::vector<Batch> reference;
+  std::vector<DataPosition> positions;
+  for (int i = 0; i < n; ++i) {
+    positions.push_back(one.position());
+    reference.push_back(*one.next());
+  }
+  positions.push_back(one.position());
+  const DataStats stats = one.stats();
+  BOOST_TEST_REQUIRE(stats.skipped >= 18);  // the 6 damaged records in three epochs
+  BOOST_TEST_REQUIRE(positions[n].epoch == 3);
+
+  for (int world : {2, 3}) {
+    for (int workers : {0, 2}) {
+      for (int from : {0, 5}) {
+        const std::string what = "W = " + std::to_string(world) + ", " + std::to_string(workers) +
+                                 " workers, from batch " + std::to_string(from);
+        DataOptions o = options;
+        o.workers = workers;
+        ThreadExchange exchange(world);
+        const std::vector<RankRun> runs = run_shared(sources, o, world, n - from, positions[from], exchange);
+        for (int r = 0; r < world; ++r) {
+          BOOST_TEST_REQUIRE(runs[r].error.empty(), what << ", rank " << r << ": " << runs[r].error);
+          for (int i = from; i < n; ++i) {
+            const Batch& got = runs[r].batches[i - from];
+            const dist::Slice slice = dist::batch_slice(reference[i].size, world, r);
+            BOOST_TEST(got.first == slice.first, what);
+            BOOST_TEST(got.global_size == reference[i].size, what);
+            BOOST_TEST(same_batches({got}, {rows_of(reference[i], slice.first, slice.rows, image_floats, T)}),
+                       what << ", rank " << r << ", batch " << i);
+            BOOST_TEST(runs[r].positions[i - from].epoch == positions[i + 1].epoch, what);
+            BOOST_TEST(runs[r].positions[i - from].samples == positions[i + 1].samples, what);
+          }
+          if (from == 0) {  // every rank's stats are those of one process
+            BOOST_TEST(runs[r].stats.samples == stats.samples, what);
+            BOOST_TEST(runs[r].stats.skipped == stats.skipped, what);
+            BOOST_TEST(runs[r].stats.skipped_reasons == stats.skipped_reasons, what);
+          }
+        }
+        // Broken images were found by more than one rank, so rows moved on ranks that read fine
+        // images only; a caption problem costs no exchange.
+        BOOST_TEST(exchange.reports() >= 3, what);
+        BOOST_TEST(exchange.reporters().size() >= 2u, what);
+        BOOST_TEST(exchange.rounds() >= n - from, what);
+      }
+    }
+  }
+  BOOST_TEST(any_contains(stats.skipped_reasons, "shard-00003.tar:d1.png"));
+  BOOST_TEST(any_contains(stats.skipped_reasons, "img/gone.png': No such file or directory"));
+  BOOST_TEST(any_contains(stats.skipped_reasons, "d2.txt: the caption is not valid UTF-8"));
+}
+
+BOOST_AUTO_TEST_CASE(a_short_last_batch_is_split_too_and_then_the_loader_ends) {
+  TempDir dir;
+  const Dataset data(dir, {10, 9, 4});
+  DataOptions options{.resolution = 8, .context_length = 8, .batch = 10, .workers = 1, .shuffle_buffer = 4,
+                      .seed = 2, .loop = false};
+  DataLoader one({data.brace_list(dir)}, tokenizer(), options);
+  std::vector<Batch> reference;
+  while (std::optional<Batch> b = one.next()) reference.push_back(std::move(*b));
+  BOOST_TEST_REQUIRE(reference.size() == 3u);
+  BOOST_TEST_REQUIRE(reference[2].size == 3);
+  ThreadExchange exchange(2);
+  const std::vector<RankRun> runs = run_shared({data.brace_list(dir)}, options, 2, 3, {}, exchange);
+  for (int r = 0; r < 2; ++r) {
+    BOOST_TEST_REQUIRE(runs[r].error.empty(), runs[r].error);
+    for (int i = 0; i < 3; ++i) {
+      const dist::Slice slice = dist::batch_slice(reference[i].size, 2, r);
+      BOOST_TEST(same_batches({runs[r].batches[i]}, {rows_of(reference[i], slice.first, slice.rows, 3 * 64, 8)}));
+    }
+  }
+  BOOST_TEST(runs[0].batches[2].size == 2);
+  BOOST_TEST(runs[1].batches[2].size == 1);
+}
+
+BOOST_AUTO_TEST_CASE(a_share_without_an_exchange_or_with_a_bad_rank_is_refused) {
+  TempDir dir;
+  const Dataset data(dir, {3});
+  const DataOptions options{.resolution = 8, .context_length = 8, .batch = 2, .workers = 0};
+  const auto error = [&](BatchShare share) {
+    return test::message_of([&] { DataLoader loader({data.shards[0]}, tokenizer(), options, {}, share); });
+  };
+  BOOST_TEST(contains(error({2, 0, nullptr}), "needs the exchange of failed records"));
+  BOOST_TEST(contains(error({2, 2, [](const std::string& s) { return std::vector<std::string>{s, s}; }}),
+                      "rank 2 is not in a world of 2 processes"));
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -7,7 +7,8 @@
 //   - 8 steps of a small ViT with and without micro-batches, gradient clipping and warmup on:
 //     losses <= 1e-5 relative, weights <= 1e-5 absolute (key biases, whose gradient is rounding
 //     noise, lr per step), first moments <= 1e-4 of each tensor's largest; also with ZeRO-1;
-//   - a batch smaller than the world is refused on every rank.
+//   - a batch smaller than the world is refused on every rank;
+//   - all_gather_bytes (the data loader's exchange of failed records) hands every rank every part.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -219,4 +220,17 @@ BOOST_AUTO_TEST_CASE(a_batch_smaller_than_the_world_is_refused) {
   BOOST_CHECK_EXCEPTION(clip::Trainer<ViTDistTest>(*params, o, &comm()), clip::Error, [](const clip::Error& e) {
     return std::string(e.what()).find("at least the number of processes") != std::string::npos;
   });
+}
+
+// The data loader's exchange of failed records over MPI: parts of any length, empty ones too, on
+// every rank in rank order.
+BOOST_AUTO_TEST_CASE(all_gather_bytes_hands_every_rank_every_part) {
+  const int world = comm().size(), rank = comm().rank();
+  const auto part = [](int r) {
+    return r % 2 == 1 ? std::string() : std::string(static_cast<size_t>(3 + 5 * r), char('a' + r)) + '\0' + "end";
+  };
+  const std::vector<std::string> all = clip::dist::all_gather_bytes(comm(), part(rank));
+  BOOST_TEST_REQUIRE(all.size() == static_cast<size_t>(world));
+  for (int r = 0; r < world; ++r) BOOST_TEST(all[r] == part(r), "rank " << rank << ": part " << r);
+  BOOST_TEST(clip::dist::all_gather_bytes(comm(), "") == std::vector<std::string>(static_cast<size_t>(world)));
 }

@@ -15,8 +15,9 @@
 // shuffle buffer seeded from (seed, epoch).
 //
 // The stream can run without reading bodies (a replay to a saved position reads only the tar
-// headers); a record met that way holds where its members are, and Blob::take() reads them when
-// the record is finally used. Problems with whole shards (one that cannot be opened, one cut
+// headers), or without reading the images (a process that prepares only its slice of each batch
+// reads every caption but only its own images); a record met that way holds where its members
+// are, and Blob::take() reads them when the record is finally used. Problems with whole shards (one that cannot be opened, one cut
 // short or corrupt) are counted in StreamIssues and never stop the stream: the records before
 // the damage are kept.
 #pragma once
@@ -165,8 +166,9 @@ class RecordStream {
     shuffle(order_, rng);
   }
 
-  // The next record; with `bodies` false, nothing but tar headers is read.
-  std::optional<Record> next(bool bodies) {
+  // The next record; with `bodies` false, nothing but tar headers is read, with `images` false
+  // every body but the images' (they stay located, for Blob::take()).
+  std::optional<Record> next(bool bodies, bool images = true) {
     for (;;) {
       if (table_) {
         if (next_row_ < rows_.size()) return table_record(rows_[next_row_++]);
@@ -174,7 +176,7 @@ class RecordStream {
       }
       if (tar_) {
         if (!tar_ended_)
-          if (std::optional<Record> record = next_group(bodies)) return record;
+          if (std::optional<Record> record = next_group(bodies, images)) return record;
         tar_.reset();
       }
       if (next_source_ == order_.size()) return std::nullopt;
@@ -217,7 +219,7 @@ class RecordStream {
   }
 
   // The next group of members with one key, or nothing at the end of the shard.
-  std::optional<Record> next_group(bool bodies) {
+  std::optional<Record> next_group(bool bodies, bool images) {
     std::optional<Record> record;
     std::string key, ext;
     for (;;) {
@@ -250,7 +252,7 @@ class RecordStream {
       blob->file = tar_->path();
       blob->offset = entry->offset;
       blob->size = entry->size;
-      if (bodies) {
+      if (bodies && (images || blob != &record->image)) {
         try {
           blob->bytes = tar_->read();
           blob->loaded = true;
@@ -286,9 +288,9 @@ class EpochStream {
       : records_(sources, seed, epoch, issues),
         buffer_(shuffle_buffer, derive_seed(seed, RandomUse::shuffle_buffer, {static_cast<uint64_t>(epoch)})) {}
 
-  std::optional<Record> next(bool bodies) {
+  std::optional<Record> next(bool bodies, bool images = true) {
     while (!input_done_) {
-      std::optional<Record> record = records_.next(bodies);
+      std::optional<Record> record = records_.next(bodies, images);
       if (!record) {
         input_done_ = true;
         break;

@@ -146,4 +146,21 @@ inline void check_agreement(Communicator& comm, const std::string& text, const c
             ranks, " differ", mine);
 }
 
+// Every rank's `bytes`, in rank order, on every rank (an all-gather of strings of any length):
+// the lengths are summed into place, then each non-empty part is broadcast from its rank. Every
+// rank must call it at the same point. For small, rare messages (the data loader's failed records).
+inline std::vector<std::string> all_gather_bytes(Communicator& comm, const std::string& bytes) {
+  const int world = comm.size();
+  if (world == 1) return {bytes};
+  std::vector<double> lengths(static_cast<size_t>(world), 0.0);
+  lengths[comm.rank()] = static_cast<double>(bytes.size());
+  comm.all_reduce_sum(lengths.data(), world);
+  std::vector<std::string> all(static_cast<size_t>(world));
+  for (int r = 0; r < world; ++r) {
+    all[r] = r == comm.rank() ? bytes : std::string(static_cast<size_t>(lengths[r]), '\0');
+    if (!all[r].empty()) comm.broadcast(all[r].data(), static_cast<int64_t>(all[r].size()), r);
+  }
+  return all;
+}
+
 }  // namespace clip::dist
