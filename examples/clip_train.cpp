@@ -775,7 +775,8 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   // Each rank prepares only its rows of every global batch (the ranks tell each other the images
   // they could not decode, so the rows after one shift alike on every rank).
   clip::data::BatchShare share{comm.size(), comm.rank(), nullptr};
-  if (comm.size() > 1) share.exchange = [&comm](const std::string& bytes) { return clip::dist::all_gather_bytes(comm, bytes); };
+  if (comm.size() > 1)
+    share.exchange = [&comm](const std::string& bytes) { return clip::dist::all_gather_bytes(comm, bytes); };
   clip::data::DataLoader loader(run.train_data, tokenizer, data, clip::data::DataPosition{info.epoch, info.samples},
                                 share);
 

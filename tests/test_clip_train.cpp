@@ -633,7 +633,8 @@ BOOST_AUTO_TEST_CASE(damaged_records_keep_two_processes_equal_to_one) {
     const size_t at = err.find("skipped ");
     return at == std::string::npos ? std::string() : err.substr(at, err.find('\n', at) - at);
   };
-  BOOST_TEST(skipped(a.err).starts_with("skipped "), a.err);  // the 5 damaged records of epoch 0, and of epoch 1's start
+  // The 5 damaged records of epoch 0, and those of epoch 1's first steps.
+  BOOST_TEST(skipped(a.err).starts_with("skipped "), a.err);
   BOOST_TEST(skipped(b.err) == skipped(a.err), b.err);
   BOOST_TEST(contains(b.err, "00003.tar:broken1.bmp"), b.err);
   const double losses = max_loss_diff(metrics(one), metrics(two));

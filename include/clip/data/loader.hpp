@@ -548,7 +548,8 @@ class DataLoader {
       if (auto it = ready_.find(item.seq); it != ready_.end()) return it->second;
       bool here = requested_.insert(item.seq).second;
       if (!here) {
-        const auto queued = std::find_if(tasks_.begin(), tasks_.end(), [&](const Item& t) { return t.seq == item.seq; });
+        const auto queued =
+            std::find_if(tasks_.begin(), tasks_.end(), [&](const Item& t) { return t.seq == item.seq; });
         if (queued != tasks_.end()) {
           tasks_.erase(queued);
           here = true;

@@ -17,9 +17,9 @@
 // The stream can run without reading bodies (a replay to a saved position reads only the tar
 // headers), or without reading the images (a process that prepares only its slice of each batch
 // reads every caption but only its own images); a record met that way holds where its members
-// are, and Blob::take() reads them when the record is finally used. Problems with whole shards (one that cannot be opened, one cut
-// short or corrupt) are counted in StreamIssues and never stop the stream: the records before
-// the damage are kept.
+// are, and Blob::take() reads them when the record is finally used. Problems with whole shards
+// (one that cannot be opened, one cut short or corrupt) are counted in StreamIssues and never
+// stop the stream: the records before the damage are kept.
 #pragma once
 
 #include <cerrno>
