@@ -17,10 +17,14 @@ namespace clip::test {
 // True in the AddressSanitizer + UBSan build (.ci/sanitize). Its instrumented loops vectorise
 // differently, so fp32 sums run in other orders there; the few tolerances that sit within a
 // factor of two of the optimised build's rounding say how much they widen under it.
-#if defined(__SANITIZE_ADDRESS__)  // g++
+#if defined(__SANITIZE_ADDRESS__)  // g++ (clang: __has_feature(address_sanitizer))
 inline constexpr bool kSanitizedBuild = true;
 #elif defined(__has_feature)
-inline constexpr bool kSanitizedBuild = __has_feature(address_sanitizer);  // clang
+#if __has_feature(address_sanitizer)
+inline constexpr bool kSanitizedBuild = true;
+#else
+inline constexpr bool kSanitizedBuild = false;
+#endif
 #else
 inline constexpr bool kSanitizedBuild = false;
 #endif
