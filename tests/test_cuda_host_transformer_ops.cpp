@@ -85,8 +85,14 @@ void check_layernorm_rows(int VW, int64_t rows, uint32_t seed) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = in.data() + r * C;
     const RowStats s = kernel_row_stats(x, C, VW);
-    // The statistics differ from the CPU's only by summation order.
-    worst_mean = std::max(worst_mean, std::fabs(double(s.mean) - mean[r]) / 2.0);  // |x| ~ 2: relative to the data
+    // The statistics differ from the CPU's only by summation order. The CPU's `omp simd` sum is
+    // serial where the loop is not vectorised (the sanitizer builds): its rounding errors then
+    // grow like sqrt(C) ulps of a running sum up to sum |x|. In units of that scale, a lost or
+    // repeated element, off by about |x| / C, would score 200 (C = 768) to 20,000 (C = 36).
+    double abs_sum = 0;
+    for (int j = 0; j < C; ++j) abs_sum += std::fabs(x[j]);
+    const double order_scale = 4.0 * std::sqrt(double(C)) * 0x1p-24 * abs_sum / C;
+    worst_mean = std::max(worst_mean, std::fabs(double(s.mean) - mean[r]) / order_scale);
     worst_rstd = std::max(worst_rstd, std::fabs(double(s.rstd) - rstd[r]) / rstd[r]);
     // The element formulas with the CPU's statistics give the CPU's values (FMA contraction aside).
     float sum_g = 0, sum_gx = 0;
@@ -103,9 +109,9 @@ void check_layernorm_rows(int VW, int64_t rows, uint32_t seed) {
       worst_dx = std::max(worst_dx, std::fabs(double(d) - dx[r * C + j]));
     }
   }
-  std::cout << "layernorm C=" << C << " VW=" << VW << " rows=" << rows << ": mean err " << worst_mean
+  std::cout << "layernorm C=" << C << " VW=" << VW << " rows=" << rows << ": mean err / order scale " << worst_mean
             << ", rstd rel err " << worst_rstd << ", out err " << worst_out << ", d_in err " << worst_dx << "\n";
-  BOOST_TEST(worst_mean <= 2e-7);
+  BOOST_TEST(worst_mean <= 1.0);  // in units of order_scale
   BOOST_TEST(worst_rstd <= 2e-6);
   BOOST_TEST(worst_out <= 1e-5);
   BOOST_TEST(worst_dx <= 1e-5);

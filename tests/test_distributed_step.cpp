@@ -99,7 +99,9 @@ void check_golden_step(const std::string& model_file, const std::string& grad_fi
   BOOST_TEST_MESSAGE(model_file << " at W = " << comm().size() << " (rank " << comm().rank() << ": rows " << s.first
                                 << ".." << s.first + s.rows << "): loss " << b.loss << " vs " << a.loss
                                 << " (relative " << loss_diff << "), PyTorch " << ref_loss);
-  BOOST_TEST(loss_diff <= 1e-6);
+  // The bound, 1e-6, in the optimised build (measured: ViT 5e-8 to 1.6e-7, RN at W = 3
+  // 4.7e-7 to 6.7e-7); the sanitizer build's other summation orders reached 1.4e-6 for RN.
+  BOOST_TEST(loss_diff <= (clip::test::kSanitizedBuild ? 3e-6 : 1e-6));
   BOOST_TEST(std::abs(b.loss - ref_loss) <= 1e-5 * ref_loss);
   BOOST_TEST(std::abs(b.grad_norm - a.grad_norm) <= 1e-5 * a.grad_norm);
 
