@@ -604,10 +604,11 @@ void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
   const clip::dist::Slice first = clip::dist::batch_slice(batch, world, 0);
   const clip::dist::Slice last = clip::dist::batch_slice(batch, world, world - 1);
   const clip::dist::StepTraffic t = clip::dist::step_traffic(clip::dims<Cfg>::parameters, Cfg::embed_dim, batch, world);
-  std::printf("%s: %s; %lld pairs per step, %lld%s per rank; logits per rank [%lld, %lld]\n", kProgram,
-              comm.describe().c_str(), static_cast<long long>(batch), static_cast<long long>(first.rows),
+  const clip::dist::LogitShape logits = clip::dist::logits_per_rank(batch, world, 0);  // rank 0's are the largest
+  std::printf("%s: %s; %lld pairs per step, %lld%s per rank; logits per rank [%lld, %lld] (CPU and GPU alike)\n",
+              kProgram, comm.describe().c_str(), static_cast<long long>(batch), static_cast<long long>(first.rows),
               first.rows == last.rows ? "" : (" or " + std::to_string(last.rows)).c_str(),
-              static_cast<long long>(first.rows), static_cast<long long>(batch));
+              static_cast<long long>(logits.rows), static_cast<long long>(logits.columns));
   std::printf("%s: per step and rank: features %s gathered, feature gradients %s, parameter gradients %s "
               "(ZeRO-1 would move the same, and hold AdamW moments of %s instead of %s)\n",
               kProgram, bytes_text(t.feature_bytes).c_str(), bytes_text(t.feature_grad_bytes).c_str(),
@@ -676,9 +677,10 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
                  "--device cuda does not shard the optimizer (--zero1) or synchronise BatchNorm (--sync-bn) yet: "
                  "these train on the CPU");
       if (comm.size() == 1) return Trainer(model.params(), options, args.device.precision());
-      std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes logits [%lld, %lld] on every "
-                  "rank\n", kProgram, comm.rank(), gpu, static_cast<long long>(run.batch),
-                  static_cast<long long>(run.batch));
+      const clip::dist::LogitShape logits = clip::dist::logits_per_rank(run.batch, comm.size(), comm.rank());
+      std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes this rank's logits [%lld, "
+                  "%lld]\n", kProgram, comm.rank(), gpu, static_cast<long long>(logits.rows),
+                  static_cast<long long>(logits.columns));
       return Trainer(model.params(), options, args.device.precision(), gpu, &comm);
     } else {
       return Trainer(model.params(), options, &comm, args.device.precision());

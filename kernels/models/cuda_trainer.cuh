@@ -30,20 +30,29 @@
 // Nothing is allocated inside a step (cuBLASLt plans are cached per shape on first use).
 //
 // Data parallel, one process per GPU (given a device Communicator, kernels/dist/): each rank
-// passes its slice of the global batch (dist::batch_slice), as the CPU Trainer. Its features go
-// into its rows of the [B, E] buffers, which are gathered; the gradients are summed in buckets of
-// the flat gradient buffer, the image tower's started as soon as its backward is done (on the
-// communicator's stream, overlapping the text tower's backward). The loss differs from the CPU
-// Trainer's here: the GPU contrastive loss computes the whole batch, so every rank computes it
-// all on the gathered features (logits [B, B] per rank, the same values on every rank) and
-// keeps its own rows of the feature gradients; the reduce-scatter of the CPU's rows variant is
-// not needed then. logit_scale's gradient is counted on rank 0 only, so that the sum is once.
+// passes its slice of the global batch (dist::batch_slice), as the CPU Trainer, and the loss is
+// the CPU Trainer's, step for step: its features go into its rows of the [B, E] buffers, which
+// are gathered; the GPU contrastive_loss_rows computes the rank's rows' logits against all B
+// columns both ways (logits [n, B] per rank, dist::logits_per_rank, never [B, B]), its share of
+// the loss and of logit_scale's gradient, and its share of every row's feature gradients (fp32),
+// which are reduce-scattered to their owners; the loss shares are summed (all-reduce of one
+// double). The parameter gradients are summed in buckets of the flat gradient buffer
+// (dist::GradientBuckets::flat_ranges, the CPU's bucket cuts), the image tower's started as soon
+// as its backward is done (on the communicator's stream, overlapping the text tower's backward);
+// logit_scale's shares are summed with them.
+//
+// Which loss: one GPU without a communicator keeps the single-matrix contrastive_loss (L formed
+// once, column statistics by a column kernel); the rows variant at n = B would form L twice (Lr
+// and Lc = L^T). Any communicator, even of one process, takes the rows path, so that the NCCL
+// test at world size 1 (tests/cuda/test_cuda_nccl.cu) runs on one GPU the code that several GPUs
+// run, against the single-matrix step.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -52,6 +61,7 @@
 #include "clip/cuda/trainer.hpp"
 #include "clip/dist/communicator.hpp"
 #include "clip/dist/gradient_buckets.hpp"
+#include "clip/dist/step_traffic.hpp"
 #include "clip/ops/embedding.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/adamw_math.hpp"
@@ -68,6 +78,7 @@
 #include "kernels/dist/nccl_communicator.cuh"
 #endif
 #include "kernels/grad_norm.cuh"
+#include "kernels/linear.cuh"  // convert
 #include "kernels/models/cuda_model.cuh"
 #include "kernels/storage.cuh"
 
@@ -119,8 +130,17 @@ class TrainNet {
         net_(ctx, host, host, micro_, /*training=*/true, options_.recompute),
         m_(net_.weights().size()), v_(net_.weights().size()),
         features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
-        loss_arena_(ContrastiveLossScratch<E>::bytes(options_.batch)), loss_scratch_(loss_arena_, options_.batch),
+        logits_(dist::logits_per_rank(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
+        loss_arena_(comm ? ContrastiveLossRowsScratch<E>::bytes(options_.batch, logits_.rows)
+                         : ContrastiveLossScratch<E>::bytes(options_.batch)),
         readback_(sizeof(trainer_detail::StepReadback) / sizeof(double)) {
+    if (comm) {
+      rows_scratch_.emplace(loss_arena_, options_.batch, logits_.rows);
+      d_share_ = DeviceBuffer<float>(2 * options_.batch * E);
+      if constexpr (!std::is_same_v<S, float>) d_own_ = DeviceBuffer<float>(2 * slice_.rows * E);
+    } else {
+      whole_scratch_.emplace(loss_arena_, options_.batch);
+    }
     m_.zero(ctx.stream());
     v_.zero(ctx.stream());
     readback_.zero(ctx.stream());
@@ -133,8 +153,6 @@ class TrainNet {
       CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                  comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
       plan_gradient_sums();
-      dscale_sink_ = DeviceBuffer<float>(1);
-      dscale_sink_.zero(ctx.stream());
     }
     ctx.synchronize();
   }
@@ -218,6 +236,8 @@ class TrainNet {
   void set_steps(int64_t s) { steps_ = s; }
   const TrainOptions& options() const { return options_; }
   dist::Slice slice() const { return slice_; }
+  // The logits this rank forms per step: [n, B] under a communicator, [B, B] without.
+  dist::LogitShape logits_per_rank() const { return logits_; }
   ClipNet<Cfg, S>& net() { return net_; }
   float* m_data() { return m_.data(); }
   float* v_data() { return v_.data(); }
@@ -232,21 +252,22 @@ class TrainNet {
   DeviceBuffer<float> m_, v_;
   MultiTensorTable table_;
   DeviceBuffer<S> features_;           // [2, B, E] image then text
-  DeviceBuffer<S> d_features_;         // [2, B, E] their gradients
-  Arena loss_arena_;                   // the contrastive loss's scratch, planned for B pairs
-  ContrastiveLossScratch<E> loss_scratch_;
+  DeviceBuffer<S> d_features_;         // [2, B, E] their gradients (a rank's own rows only, under a communicator)
+  dist::LogitShape logits_;            // the logits a step forms here
+  Arena loss_arena_;                   // the contrastive loss's scratch, planned for them
+  std::optional<ContrastiveLossScratch<E>> whole_scratch_;     // no communicator: [B, B]
+  std::optional<ContrastiveLossRowsScratch<E>> rows_scratch_;  // a communicator: [n, B]
+  DeviceBuffer<float> d_share_;        // [2, B, E] this rank's share of every row's feature gradients
+  DeviceBuffer<float> d_own_;          // [2, n, E] their sums for its rows, before bf16 (S = bf16 only)
   DeviceBuffer<double> readback_;      // device StepReadback (3 slots)
   trainer_detail::PinnedReadback pinned_;
   trainer_detail::StepReadback* host_ = pinned_.get();
   int64_t steps_ = 0;
-  // Ranges [first, first + n) of the flat gradient buffer summed across ranks as one collective
-  // each (buckets of GradientBuckets::kBucketFloats): the image tower's, then the rest.
-  struct Range {
-    int64_t first, n;
-  };
+  // Ranges of the flat gradient buffer summed across ranks as one collective each (the buckets of
+  // dist::GradientBuckets): the image tower's, then the rest.
+  using Range = dist::GradientBuckets::FlatRange;
   std::vector<Range> image_sums_, text_sums_;
   std::vector<std::unique_ptr<dist::PendingCollective>> pending_;
-  DeviceBuffer<float> dscale_sink_;    // ranks other than 0: where their copy of d logit_scale goes
 
   trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
 
@@ -267,51 +288,58 @@ class TrainNet {
     return o;
   }
 
-  // The whole batch's loss (into the read-back slot) and feature gradients; logit_scale's
-  // gradient is added to its slot (gradients are zero between steps). Nothing is checked here.
-  // With a communicator, every rank's features are gathered first (S moved as floats: a gather
-  // only copies) and logit_scale's gradient counts on rank 0 only.
+  // The whole batch's loss (into the read-back slot) and this rank's feature gradients; logit_scale's
+  // gradient (this rank's share) is added to its slot (gradients are zero between steps). Nothing
+  // is checked here. With a communicator, as the CPU Trainer's checked_loss: every rank's features
+  // are gathered (S moved as floats: a gather only copies), the rank's share is computed by rows,
+  // the feature gradients are reduce-scattered to their owners and the loss shares summed.
   void loss(int64_t B) {
     auto& W = net_.weights();
     Params& p = net_.keys();
-    float* d_scale = W.g(p.logit_scale);
-    if (comm_) {
-      static_assert((E * sizeof(S)) % sizeof(float) == 0, "a feature row must be a whole number of floats");
-      const std::vector<int64_t> counts =
-          dist::slice_counts(B, comm_->size(), static_cast<int64_t>(E * sizeof(S) / sizeof(float)));
-      comm_->all_gather(reinterpret_cast<float*>(features_.data()), counts);
-      comm_->all_gather(reinterpret_cast<float*>(features_.data() + B * E), counts);
-      if (comm_->rank() != 0) {
-        d_scale = dscale_sink_.data();
-        CLIP_CUDA_CHECK(cudaMemsetAsync(d_scale, 0, sizeof(float), ctx_.stream()));
-      }
+    if (!comm_) {
+      contrastive_loss<E, S>(ctx_, *whole_scratch_, features_.data(), features_.data() + B * E, B,
+                             W.master(p.logit_scale), d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr,
+                             W.g(p.logit_scale), &slots()->loss);
+      return;
     }
-    contrastive_loss<E, S>(ctx_, loss_scratch_, features_.data(), features_.data() + B * E, B, W.master(p.logit_scale),
-                           d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr, d_scale, &slots()->loss);
+    static_assert((E * sizeof(S)) % sizeof(float) == 0, "a feature row must be a whole number of floats");
+    const std::vector<int64_t> gather_counts =
+        dist::slice_counts(B, comm_->size(), static_cast<int64_t>(E * sizeof(S) / sizeof(float)));
+    comm_->all_gather(reinterpret_cast<float*>(features_.data()), gather_counts);
+    comm_->all_gather(reinterpret_cast<float*>(features_.data() + B * E), gather_counts);
+    const int64_t first = slice_.first, n = slice_.rows;
+    float* share_img = d_share_.data();
+    float* share_txt = d_share_.data() + B * E;
+    contrastive_loss_rows<E, S>(ctx_, *rows_scratch_, features_.data(), features_.data() + B * E, B, first, n,
+                                W.master(p.logit_scale), share_img, share_txt, /*loss=*/nullptr, W.g(p.logit_scale),
+                                &slots()->loss);
+    const std::vector<int64_t> counts = dist::slice_counts(B, comm_->size(), E);
+    S* own_img = d_features_.data() + first * E;
+    S* own_txt = d_features_.data() + (B + first) * E;
+    if constexpr (std::is_same_v<S, float>) {
+      comm_->reduce_scatter_sum(share_img, own_img, counts);
+      comm_->reduce_scatter_sum(share_txt, own_txt, counts);
+    } else {  // summed in fp32, rounded once to S
+      comm_->reduce_scatter_sum(share_img, d_own_.data(), counts);
+      comm_->reduce_scatter_sum(share_txt, d_own_.data() + n * E, counts);
+      convert<S, float>(ctx_, own_img, d_own_.data(), n * E);
+      convert<S, float>(ctx_, own_txt, d_own_.data() + n * E, n * E);
+    }
+    comm_->all_reduce_sum(&slots()->loss, 1);  // a NaN share (a bad feature row) makes it NaN everywhere
   }
 
-  // The image tower's gradients (names "visual.*") and the rest, as ranges of the flat buffer:
-  // the layout keeps each tower's tensors together (checked), so each is one range, cut into
-  // buckets. Should a layout interleave them, everything is summed after the text tower.
+  // The image tower's gradients (names "visual.") and the rest, as ranges of the flat buffer cut
+  // as the CPU Trainer's buckets; buffers are not trained, so not summed.
   void plan_gradient_sums() {
-    const WeightLayout& layout = net_.weights().layout();
-    int64_t lo = layout.size(), hi = 0;
-    for (const WeightEntry& e : layout.entries())
-      if (e.name.starts_with("visual.")) lo = std::min(lo, e.offset), hi = std::max(hi, e.offset + e.numel);
-    bool separate = lo < hi;
-    for (const WeightEntry& e : layout.entries())
-      if (!e.name.starts_with("visual.") && e.offset < hi && e.offset + e.numel > lo) separate = false;
-    const auto cut = [](std::vector<Range>& into, int64_t first, int64_t end) {
-      for (int64_t at = first; at < end; at += dist::GradientBuckets::kBucketFloats)
-        into.push_back({at, std::min(dist::GradientBuckets::kBucketFloats, end - at)});
-    };
-    if (separate) {
-      cut(image_sums_, lo, hi);
-      cut(text_sums_, 0, lo);
-      cut(text_sums_, hi, layout.size());
-    } else {
-      cut(text_sums_, 0, layout.size());
+    std::vector<dist::GradientBuckets::FlatTensor> image, text;
+    for (const WeightEntry& e : net_.weights().layout().entries()) {
+      if (e.role != Role::parameter) continue;
+      const bool visual = e.name.starts_with("visual.");
+      image.push_back({e.offset, e.numel, visual});
+      text.push_back({e.offset, e.numel, !visual});
     }
+    image_sums_ = dist::GradientBuckets::flat_ranges(std::move(image));
+    text_sums_ = dist::GradientBuckets::flat_ranges(std::move(text));
     pending_.reserve(image_sums_.size() + text_sums_.size());
   }
 

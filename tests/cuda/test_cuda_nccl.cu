@@ -1,10 +1,12 @@
 // The NCCL communicator (kernels/dist/nccl_communicator.cuh) at world size 1, one process: its
 // collectives on device buffers, ordered against the compute stream, and the GPU Trainer's step
-// through it (features gathered, gradients summed in buckets over NCCL) against the step without
-// any communicator: losses, gradient norms, first moments (0.1 x the gradients after one step)
-// and weights equal to rounding, fp32 and bf16, whole batch and micro-batches. Several GPUs
+// through it (features gathered, the loss by rows with its feature-gradient reduce-scatter and
+// loss sum, gradients summed in buckets over NCCL) against the step without any communicator
+// (the single-matrix loss): losses, gradient norms, first moments (0.1 x the gradients after one
+// step) and weights equal to rounding, fp32 and bf16, whole batch and micro-batches. Several GPUs
 // cannot be tested here (one process, one device); the code above the communicator is the same
-// for any world size.
+// for any world size, and the rows loss for other slices (first > 0, n < B) is checked against the
+// CPU's contrastive_loss_rows in test_cuda_train_ops.cu.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -180,8 +182,9 @@ void expect_same(clip::cuda::Precision precision, int64_t micro, const std::stri
   const double weights = worst_relative(plain.weights, nccl.weights);
   BOOST_TEST_MESSAGE(what << ": loss " << loss << ", gradient norm " << norm << ", gradients (first moments) "
                           << gradients << ", weights " << weights << " (relative, over 3 steps)");
-  // One process through NCCL adds no arithmetic (a sum over one rank); cuBLASLt may pick its
-  // algorithms per call, hence rounding rather than bit equality.
+  // One process through NCCL adds no sum (over one rank) but takes the loss by rows (n = B: the
+  // same formulas as the single-matrix loss, other summation orders), and cuBLASLt may pick its
+  // algorithms per call: rounding rather than bit equality.
   BOOST_TEST(loss <= 1e-6, what << ": loss");
   BOOST_TEST(norm <= 1e-5, what << ": gradient norm");
   BOOST_TEST(gradients <= 1e-5, what << ": gradients");
