@@ -673,9 +673,7 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   Trainer trainer = [&] {
     if constexpr (D == clip::Device::cuda) {
       // One process per GPU, the node-local rank's GPU; the collectives over NCCL.
-      CLIP_CHECK(!args.zero1 && !(args.sync_bn && comm.size() > 1),
-                 "--device cuda does not shard the optimizer (--zero1) or synchronise BatchNorm (--sync-bn) yet: "
-                 "these train on the CPU");
+      CLIP_CHECK(!args.zero1, "--device cuda does not shard the optimizer (--zero1) yet: it trains on the CPU");
       if (comm.size() == 1) return Trainer(model.params(), options, args.device.precision());
       const clip::dist::LogitShape logits = clip::dist::logits_per_rank(run.batch, comm.size(), comm.rank());
       std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes this rank's logits [%lld, "

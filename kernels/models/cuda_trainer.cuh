@@ -39,7 +39,10 @@
 // double). The parameter gradients are summed in buckets of the flat gradient buffer
 // (dist::GradientBuckets::flat_ranges, the CPU's bucket cuts), the image tower's started as soon
 // as its backward is done (on the communicator's stream, overlapping the text tower's backward);
-// logit_scale's shares are summed with them.
+// logit_scale's shares are summed with them. With TrainOptions::sync_batchnorm (--sync-bn), a
+// ResNet's BatchNorms use every rank's batch statistics (kernels/batchnorm_sync.cuh, its table
+// summed over NCCL), as the CPU Trainer under BatchNormSync; the ranks must then run as many
+// micro-batches (checked at construction, as the CPU).
 //
 // Which loss: one GPU without a communicator keeps the single-matrix contrastive_loss (L formed
 // once, column statistics by a column kernel); the rows variant at n = B would form L twice (Lr
@@ -70,6 +73,7 @@
 #include "clip/train/schedule.hpp"
 #include "clip/train/trainer.hpp"
 #include "kernels/adamw.cuh"
+#include "kernels/batchnorm_sync.cuh"
 #include "kernels/check.cuh"
 #include "kernels/context.cuh"
 #include "kernels/contrastive_loss.cuh"
@@ -153,6 +157,11 @@ class TrainNet {
       CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                  comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
       plan_gradient_sums();
+      if constexpr (has_running_stats)
+        if (options_.sync_batchnorm) {
+          check_equal_passes();
+          bn_table_ = DeviceBuffer<double>(BatchNormSyncScope::capacity_for(comm_->size(), kWidestBatchNorm));
+        }
     }
     ctx.synchronize();
   }
@@ -166,6 +175,10 @@ class TrainNet {
                   const int32_t* host_pool = nullptr) {
     const int64_t B = slice_.rows, M = micro_;  // this rank's rows (the rest of the step says B for them)
     const int64_t first = slice_.first, global = options_.batch;
+    std::optional<BatchNormSyncScope> sync_bn;  // --sync-bn: BatchNorm over the global batch
+    if (bn_table_.size() > 0)
+      sync_bn.emplace([this](double* data, int64_t n) { comm_->all_reduce_sum(data, n); }, comm_->rank(),
+                      comm_->size(), bn_table_.data(), bn_table_.size());
     auto& W = net_.weights();
     Params& p = net_.keys();
     S* img = features_.data() + first * E;             // this rank's rows of [global, E]
@@ -268,8 +281,25 @@ class TrainNet {
   using Range = dist::GradientBuckets::FlatRange;
   std::vector<Range> image_sums_, text_sums_;
   std::vector<std::unique_ptr<dist::PendingCollective>> pending_;
+  DeviceBuffer<double> bn_table_;      // --sync-bn (a ResNet under a communicator): the statistics' table
 
   trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
+
+  // A ResNet's widest BatchNorm: the last stage's 4 x 8 x width channels.
+  static constexpr int64_t kWidestBatchNorm = int64_t{32} * Cfg::vision_width;
+
+  // Synchronised BatchNorm is a collective per pass: every rank must run as many (the CPU's check).
+  void check_equal_passes() const {
+    const int world = comm_->size();
+    const auto passes = [&](int r) {
+      const int64_t rows = dist::batch_slice(options_.batch, world, r).rows, m = std::min(options_.micro_batch, rows);
+      return (rows + m - 1) / m;
+    };
+    for (int r = 1; r < world; ++r)
+      CLIP_CHECK(passes(r) == passes(0), "synchronised BatchNorm needs the same number of micro-batches on every "
+                 "rank, but a global batch of ", options_.batch, " over ", world, " processes in micro-batches of ",
+                 options_.micro_batch, " gives rank 0 ", passes(0), " and rank ", r, " ", passes(r));
+  }
 
   static TrainOptions checked(TrainOptions o) {
     CLIP_CHECK(o.batch > 0, "a training batch needs at least one pair, got ", o.batch);

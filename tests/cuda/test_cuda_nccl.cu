@@ -6,7 +6,9 @@
 // step) and weights equal to rounding, fp32 and bf16, whole batch and micro-batches. Several GPUs
 // cannot be tested here (one process, one device); the code above the communicator is the same
 // for any world size, and the rows loss for other slices (first > 0, n < B) is checked against the
-// CPU's contrastive_loss_rows in test_cuda_train_ops.cu.
+// CPU's contrastive_loss_rows in test_cuda_train_ops.cu. RN-tiny with sync_batchnorm (--sync-bn)
+// through NCCL runs the synchronised BatchNorm (its statistics summed over NCCL) against the plain
+// step, which it must equal at world size 1.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -29,8 +31,8 @@
 
 namespace {
 
+using clip::test::RNTiny;
 using clip::test::ViTTiny;
-using Params = clip::Clip<ViTTiny>::Params;
 
 std::vector<float> ramp(int64_t n, float start) {
   std::vector<float> v(static_cast<size_t>(n));
@@ -126,22 +128,24 @@ struct Run {
 };
 
 // `steps` steps of batch 8 from init_params(7), with or without the NCCL communicator.
-Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int steps) {
-  auto params = std::make_unique<Params>();
-  clip::init_params<ViTTiny>(*params, 7);
+template <class Cfg = ViTTiny>
+Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int steps, bool sync_bn = false) {
+  auto params = std::make_unique<typename clip::Clip<Cfg>::Params>();
+  clip::init_params<Cfg>(*params, 7);
   clip::TrainOptions o;
   o.batch = 8;
   o.micro_batch = micro;
   o.adam.lr = 1e-3f;
+  o.sync_batchnorm = sync_bn;
   clip::dist::LocalCommunicator host;
-  clip::Trainer<ViTTiny, clip::Device::cuda> trainer(*params, o, precision, 0, through_nccl ? &host : nullptr);
+  clip::Trainer<Cfg, clip::Device::cuda> trainer(*params, o, precision, 0, through_nccl ? &host : nullptr);
   BOOST_TEST(trainer.slice().first == 0);
   BOOST_TEST(trainer.slice().rows == 8);
   Run out;
   std::vector<float> images;
   std::vector<int32_t> tokens;
   for (int s = 0; s < steps; ++s) {
-    clip::test::random_batch<ViTTiny>(images, tokens, o.batch, 300 + s);
+    clip::test::random_batch<Cfg>(images, tokens, o.batch, 300 + s);
     const clip::StepResult r = trainer.step(images.data(), tokens.data());
     out.losses.push_back(r.loss);
     out.norms.push_back(r.grad_norm);
@@ -170,9 +174,10 @@ double worst_relative(const Values& a, const Values& b) {
   return worst;
 }
 
-void expect_same(clip::cuda::Precision precision, int64_t micro, const std::string& what) {
-  const Run plain = train(false, precision, micro, 3);
-  const Run nccl = train(true, precision, micro, 3);
+template <class Cfg = ViTTiny>
+void expect_same(clip::cuda::Precision precision, int64_t micro, const std::string& what, bool sync_bn = false) {
+  const Run plain = train<Cfg>(false, precision, micro, 3, sync_bn);
+  const Run nccl = train<Cfg>(true, precision, micro, 3, sync_bn);
   double loss = 0, norm = 0;
   for (size_t s = 0; s < plain.losses.size(); ++s) {
     loss = std::max(loss, std::abs(plain.losses[s] - nccl.losses[s]) / plain.losses[s]);
@@ -200,4 +205,9 @@ BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_fp32) {
 
 BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_bf16) {
   expect_same(clip::cuda::Precision::bf16, 8, "bf16, whole batch (features gathered as bf16)");
+}
+
+BOOST_AUTO_TEST_CASE(resnet_step_with_sync_bn_through_nccl_equals_the_plain_step) {
+  expect_same<RNTiny>(clip::cuda::Precision::fp32, 8, "RN-tiny fp32, --sync-bn, whole batch", true);
+  expect_same<RNTiny>(clip::cuda::Precision::fp32, 4, "RN-tiny fp32, --sync-bn, micro-batches 4 + 4", true);
 }
