@@ -189,11 +189,15 @@ void expect_same(clip::cuda::Precision precision, int64_t micro, const std::stri
                           << gradients << ", weights " << weights << " (relative, over 3 steps)");
   // One process through NCCL adds no sum (over one rank) but takes the loss by rows (n = B: the
   // same formulas as the single-matrix loss, other summation orders), and cuBLASLt may pick its
-  // algorithms per call: rounding rather than bit equality.
-  BOOST_TEST(loss <= 1e-6, what << ": loss");
-  BOOST_TEST(norm <= 1e-5, what << ": gradient norm");
-  BOOST_TEST(gradients <= 1e-5, what << ": gradients");
-  BOOST_TEST(weights <= 1e-5, what << ": weights");
+  // algorithms per call: rounding rather than bit equality. In bf16 the feature gradients are
+  // rounded to bf16 after those different fp32 orders, so one of them may land one bf16 step
+  // (2^-8 relative) apart and carry that into the gradients and, through AdamW, the weights; a
+  // lost row, a double count or a missing conversion is off by far more.
+  const bool fp32 = precision == clip::cuda::Precision::fp32;
+  BOOST_TEST(loss <= (fp32 ? 1e-6 : 1e-5), what << ": loss");
+  BOOST_TEST(norm <= (fp32 ? 1e-5 : 1e-3), what << ": gradient norm");
+  BOOST_TEST(gradients <= (fp32 ? 1e-5 : 1e-2), what << ": gradients");
+  BOOST_TEST(weights <= (fp32 ? 1e-5 : 1e-3), what << ": weights");
 }
 
 }  // namespace
