@@ -673,8 +673,8 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   Trainer trainer = [&] {
     if constexpr (D == clip::Device::cuda) {
       // One process per GPU, the node-local rank's GPU; the collectives over NCCL.
-      CLIP_CHECK(!args.zero1, "--device cuda does not shard the optimizer (--zero1) yet: it trains on the CPU");
-      if (comm.size() == 1) return Trainer(model.params(), options, args.device.precision());
+      // --zero1 at one process still runs the sharded optimizer (through NCCL, at world size 1).
+      if (comm.size() == 1 && !args.zero1) return Trainer(model.params(), options, args.device.precision());
       const clip::dist::LogitShape logits = clip::dist::logits_per_rank(run.batch, comm.size(), comm.rank());
       std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes this rank's logits [%lld, "
                   "%lld]\n", kProgram, comm.rank(), gpu, static_cast<long long>(logits.rows),
@@ -685,14 +685,20 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     }
   }();
   // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
-  // the final weights read the host copy, brought up to date first.
+  // the final weights read the host copy, brought up to date first (the weights alone: no
+  // collective, rank 0 may call it by itself; every rank holds the whole weights).
   auto to_host = [&] {
-    if constexpr (D == clip::Device::cuda) trainer.download();
+    if constexpr (D == clip::Device::cuda) trainer.download(model.params());
   };
-  // The whole optimizer state (with --zero1 gathered from the ranks: every rank calls it).
+  // The whole optimizer state (with --zero1 gathered from the ranks: every rank calls it; on a
+  // GPU the weights come down with it).
   auto optimizer_state = [&]() -> auto& {
-    if constexpr (D == clip::Device::cuda) return trainer.optimizer();
-    else return trainer.optimizer_state();
+    if constexpr (D == clip::Device::cuda) {
+      trainer.download();
+      return trainer.optimizer();
+    } else {
+      return trainer.optimizer_state();
+    }
   };
   auto release_optimizer_state = [&] {
     if constexpr (D == clip::Device::cpu) trainer.release_optimizer_state();
@@ -703,6 +709,18 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
                   args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
                                 " ranks; unsharded " + bytes_text(8.0 * params) + ")").c_str()
                              : "");
+  } else {
+    const auto b = trainer.state_bytes();
+    const auto u = trainer.unsharded_state_bytes();
+    std::printf("%s: GPU memory per rank for weights, gradients and AdamW state %s (master %s, %sgradients %s, "
+                "moments %s%s)%s\n", kProgram, bytes_text(double(b.total())).c_str(), bytes_text(double(b.master)).c_str(),
+                b.compute ? ("bf16 copy " + bytes_text(double(b.compute)) + ", ").c_str() : "",
+                bytes_text(double(b.gradients)).c_str(), bytes_text(double(b.moments)).c_str(),
+                args.zero1 ? (", summed-gradient shard " + bytes_text(double(b.shard_gradients)) + ", staging " +
+                              bytes_text(double(b.staging))).c_str() : "",
+                args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
+                              " ranks, master weights whole on every rank; unsharded " + bytes_text(double(u.total())) +
+                              ")").c_str() : "");
   }
 
   clip::CheckpointInfo info;

@@ -42,7 +42,12 @@
 // logit_scale's shares are summed with them. With TrainOptions::sync_batchnorm (--sync-bn), a
 // ResNet's BatchNorms use every rank's batch statistics (kernels/batchnorm_sync.cuh, its table
 // summed over NCCL), as the CPU Trainer under BatchNormSync; the ranks must then run as many
-// micro-batches (checked at construction, as the CPU).
+// micro-batches (checked at construction, as the CPU). With TrainOptions::zero1 (--zero1) the
+// gradients are not all-reduced: after backward, kernels/dist/sharded_adamw.cuh reduce-scatters
+// them into this rank's shard (the CPU's cut, dist::shard_plan), takes the global norm from the
+// shards, and AdamW updates the shard's master weights, whose moments only this rank holds; the
+// master weights are then all-gathered and the bf16 copy rebuilt. The step's semantics (clipping,
+// clamp, schedule, refusals) do not change; download()/upload() gather and scatter the moments.
 //
 // Which loss: one GPU without a communicator keeps the single-matrix contrastive_loss (L formed
 // once, column statistics by a column kernel); the rows variant at n = B would form L twice (Lr
@@ -81,6 +86,7 @@
 #if CLIP_WITH_NCCL
 #include "kernels/dist/nccl_communicator.cuh"
 #endif
+#include "kernels/dist/sharded_adamw.cuh"
 #include "kernels/grad_norm.cuh"
 #include "kernels/linear.cuh"  // convert
 #include "kernels/models/cuda_model.cuh"
@@ -132,7 +138,7 @@ class TrainNet {
         slice_(dist::batch_slice(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
         micro_(std::min(options_.micro_batch, slice_.rows)),
         net_(ctx, host, host, micro_, /*training=*/true, options_.recompute),
-        m_(net_.weights().size()), v_(net_.weights().size()),
+        m_(options_.zero1 ? 0 : net_.weights().size()), v_(options_.zero1 ? 0 : net_.weights().size()),
         features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
         logits_(dist::logits_per_rank(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
         loss_arena_(comm ? ContrastiveLossRowsScratch<E>::bytes(options_.batch, logits_.rows)
@@ -153,10 +159,16 @@ class TrainNet {
     for (const WeightEntry& e : net_.weights().layout().entries())
       if (e.role == Role::parameter) trained.push_back({e.offset, e.numel, clip::adamw_decays(e.name, e.rank)});
     table_ = MultiTensorTable(ctx, trained, net_.weights().size());
+    CLIP_CHECK(!options_.zero1 || comm_, "ZeRO-1 (--zero1) shards the optimizer across the processes of a "
+               "communicator: the GPU trainer needs one (a one-process communicator runs it at world size 1)");
     if (comm_) {
       CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                  comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
-      plan_gradient_sums();
+      if (options_.zero1) {
+        zero1_.emplace(ctx, zero1_plan(trained, comm_->size(), comm_->rank()), net_.weights().size(), *comm_);
+      } else {
+        plan_gradient_sums();
+      }
       if constexpr (has_running_stats)
         if (options_.sync_batchnorm) {
           check_equal_passes();
@@ -224,8 +236,10 @@ class TrainNet {
     finish_gradient_sums();
 
     // The global norm of the trained tensors' gradients (logit_scale's included), then the one
-    // read-back of the step.
-    gradient_norm(ctx_, table_, W.grad_data(), &slots()->norm);
+    // read-back of the step. ZeRO-1: the gradients reduce-scattered into the shard, the norm
+    // from every rank's shard.
+    if (zero1_) zero1_->reduce(W.grad_data(), &slots()->norm);
+    else gradient_norm(ctx_, table_, W.grad_data(), &slots()->norm);
     read_back();
     check_loss();
     const trainer_detail::StepReadback r = *host_;
@@ -236,8 +250,9 @@ class TrainNet {
                 "gradient clipping.");
     }
     const float lr = learning_rate(steps_);
-    adamw(lr, clip::clip_factor(r.norm, options_.grad_clip_norm));
-    clamp_logit_scale<S>(ctx_, W.master(p.logit_scale), DeviceWeights<S>::separate_copy ? W.w(p.logit_scale) : nullptr);
+    adamw(lr, clip::clip_factor(r.norm, options_.grad_clip_norm));  // ZeRO-1: the clamp included
+    if (!zero1_)
+      clamp_logit_scale<S>(ctx_, W.master(p.logit_scale), DeviceWeights<S>::separate_copy ? W.w(p.logit_scale) : nullptr);
     return {r.loss, lr, std::exp(r.logit_scale), static_cast<float>(r.norm)};
   }
 
@@ -252,8 +267,34 @@ class TrainNet {
   // The logits this rank forms per step: [n, B] under a communicator, [B, B] without.
   dist::LogitShape logits_per_rank() const { return logits_; }
   ClipNet<Cfg, S>& net() { return net_; }
-  float* m_data() { return m_.data(); }
-  float* v_data() { return v_.data(); }
+
+  // The whole moments m, v into host buffers of the layout's size (ZeRO-1: gathered from the
+  // ranks, a collective every rank calls), and back (ZeRO-1: this rank's slices taken).
+  void moments_to_host(float* m, float* v) {
+    if (zero1_) return zero1_->gather(m, v);
+    const int64_t n = net_.weights().size();
+    m_.download(m, n, ctx_.stream());
+    v_.download(v, n, ctx_.stream());
+  }
+  void moments_from_host(const float* m, const float* v) {
+    if (zero1_) return zero1_->scatter(m, v);
+    const int64_t n = net_.weights().size();
+    m_.upload(m, n, ctx_.stream());
+    v_.upload(v, n, ctx_.stream());
+    ctx_.synchronize();
+  }
+
+  // The device memory this rank holds for weights, gradients and the optimizer state
+  // (zero1_plan.hpp's arithmetic), and what it would hold without ZeRO-1.
+  DeviceStateBytes state_bytes() const {
+    const int64_t flat = net_.weights().size();
+    if (!zero1_) return device_state_bytes(flat, DeviceWeights<S>::separate_copy);
+    return device_state_bytes(flat, DeviceWeights<S>::separate_copy, zero1_->plan().shard.owned,
+                              zero1_->plan().shard.largest_bucket());
+  }
+  DeviceStateBytes unsharded_state_bytes() const {
+    return device_state_bytes(net_.weights().size(), DeviceWeights<S>::separate_copy);
+  }
 
  private:
   Context& ctx_;
@@ -262,7 +303,7 @@ class TrainNet {
   dist::Slice slice_;                  // this rank's rows of the global batch
   int64_t micro_;                      // pairs per forward/backward on this rank
   ClipNet<Cfg, S> net_;
-  DeviceBuffer<float> m_, v_;
+  DeviceBuffer<float> m_, v_;         // the moments (empty under ZeRO-1: zero1_ holds this rank's)
   MultiTensorTable table_;
   DeviceBuffer<S> features_;           // [2, B, E] image then text
   DeviceBuffer<S> d_features_;         // [2, B, E] their gradients (a rank's own rows only, under a communicator)
@@ -282,6 +323,7 @@ class TrainNet {
   std::vector<Range> image_sums_, text_sums_;
   std::vector<std::unique_ptr<dist::PendingCollective>> pending_;
   DeviceBuffer<double> bn_table_;      // --sync-bn (a ResNet under a communicator): the statistics' table
+  std::optional<ShardedAdamW> zero1_;  // --zero1 (under a communicator): the sharded optimizer
 
   trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
 
@@ -374,7 +416,7 @@ class TrainNet {
   }
 
   void start_gradient_sums(const std::vector<Range>& ranges) {
-    if (!comm_) return;
+    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters them after backward
     float* g = net_.weights().grad_data();
     for (const Range& r : ranges) pending_.push_back(comm_->start_all_reduce_sum(g + r.first, r.n));
   }
@@ -426,6 +468,12 @@ class TrainNet {
     const AdamWOptions& o = options_.adam;
     const clip::AdamWScalars s = clip::adamw_scalars(lr, o.beta1, o.beta2, o.eps, o.weight_decay, steps_, grad_scale);
     auto& W = net_.weights();
+    if (zero1_) {
+      const int64_t logit_scale = W.master(net_.keys().logit_scale) - W.master_data();
+      zero1_->update(W.master_data(), s, logit_scale);
+      W.refresh_compute_copy(ctx_);  // the gathered weights into the bf16 copy (nothing for fp32)
+      return;
+    }
     adamw_step<S>(ctx_, table_, W.master_data(), W.grad_data(), m_.data(), v_.data(),
                   DeviceWeights<S>::separate_copy ? W.compute_data() : nullptr, s);
   }
@@ -539,15 +587,10 @@ void Trainer<Cfg, Device::cuda>::download() {
   I.with([&](auto& net) {
     auto& W = net.net().weights();
     W.download(I.ctx, I.host);
-    std::vector<float> flat(static_cast<size_t>(W.size()));
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.m_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().unpack(flat.data(), I.mirror.m());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.v_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().unpack(flat.data(), I.mirror.v());
+    std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
+    net.moments_to_host(m.data(), v.data());  // ZeRO-1: gathered, every rank calls
+    W.layout().unpack(m.data(), I.mirror.m());
+    W.layout().unpack(v.data(), I.mirror.v());
     I.mirror.set_steps(net.steps());
   });
 }
@@ -558,17 +601,21 @@ void Trainer<Cfg, Device::cuda>::upload() {
   I.with([&](auto& net) {
     auto& W = net.net().weights();
     W.upload(I.ctx, I.host);
-    std::vector<float> flat(static_cast<size_t>(W.size()));
-    W.layout().pack(std::as_const(I.mirror).m(), flat.data());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.m_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().pack(std::as_const(I.mirror).v(), flat.data());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.v_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
+    std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
+    W.layout().pack(std::as_const(I.mirror).m(), m.data());
+    W.layout().pack(std::as_const(I.mirror).v(), v.data());
+    net.moments_from_host(m.data(), v.data());  // ZeRO-1: this rank's slices
     net.set_steps(I.mirror.steps());
   });
+}
+
+template <Variant Cfg>
+cuda::DeviceStateBytes Trainer<Cfg, Device::cuda>::state_bytes() const {
+  return impl_->with([](auto& net) { return net.state_bytes(); });
+}
+template <Variant Cfg>
+cuda::DeviceStateBytes Trainer<Cfg, Device::cuda>::unsharded_state_bytes() const {
+  return impl_->with([](auto& net) { return net.unsharded_state_bytes(); });
 }
 
 }  // namespace clip

@@ -8,7 +8,11 @@
 // for any world size, and the rows loss for other slices (first > 0, n < B) is checked against the
 // CPU's contrastive_loss_rows in test_cuda_train_ops.cu. RN-tiny with sync_batchnorm (--sync-bn)
 // through NCCL runs the synchronised BatchNorm (its statistics summed over NCCL) against the plain
-// step, which it must equal at world size 1.
+// step, which it must equal at world size 1. ZeRO-1 (TrainOptions::zero1: the gradients
+// reduce-scattered into the shard, the norm from the shards, AdamW on the shard, the weights
+// all-gathered) at world size 1 against the plain step, with a checkpoint round trip after step 1
+// (download() gathers the moments, a new trainer's upload() scatters them) and the gathered state
+// (m, v, step count) against the plain trainer's.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -125,37 +129,57 @@ struct Run {
   std::vector<float> norms;
   Values first_moments;  // after step 1: 0.1 x the (unclipped) gradients
   Values weights;        // after the last step
+  Values m, v;           // the optimizer state after the last step (download())
+  int64_t optimizer_steps = 0;
 };
 
 // `steps` steps of batch 8 from init_params(7), with or without the NCCL communicator.
 template <class Cfg = ViTTiny>
-Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int steps, bool sync_bn = false) {
-  auto params = std::make_unique<typename clip::Clip<Cfg>::Params>();
+Run train(bool through_nccl, clip::cuda::Precision precision, int64_t micro, int steps, bool sync_bn = false,
+          bool zero1 = false) {
+  using Params = typename clip::Clip<Cfg>::Params;
+  using Trainer = clip::Trainer<Cfg, clip::Device::cuda>;
+  auto params = std::make_unique<Params>();
   clip::init_params<Cfg>(*params, 7);
   clip::TrainOptions o;
   o.batch = 8;
   o.micro_batch = micro;
   o.adam.lr = 1e-3f;
   o.sync_batchnorm = sync_bn;
+  o.zero1 = zero1;
   clip::dist::LocalCommunicator host;
-  clip::Trainer<Cfg, clip::Device::cuda> trainer(*params, o, precision, 0, through_nccl ? &host : nullptr);
-  BOOST_TEST(trainer.slice().first == 0);
-  BOOST_TEST(trainer.slice().rows == 8);
+  auto trainer = std::make_unique<Trainer>(*params, o, precision, 0, through_nccl ? &host : nullptr);
+  BOOST_TEST(trainer->slice().first == 0);
+  BOOST_TEST(trainer->slice().rows == 8);
   Run out;
   std::vector<float> images;
   std::vector<int32_t> tokens;
   for (int s = 0; s < steps; ++s) {
     clip::test::random_batch<Cfg>(images, tokens, o.batch, 300 + s);
-    const clip::StepResult r = trainer.step(images.data(), tokens.data());
+    const clip::StepResult r = trainer->step(images.data(), tokens.data());
     out.losses.push_back(r.loss);
     out.norms.push_back(r.grad_norm);
     if (s == 0) {
-      trainer.download();
-      out.first_moments = clip::test::tensor_values(trainer.optimizer().m());
+      trainer->download();
+      out.first_moments = clip::test::tensor_values(trainer->optimizer().m());
+      if (zero1) {  // a checkpoint round trip: the gathered state scattered into a new trainer
+        auto m = std::make_unique<Params>(trainer->optimizer().m());
+        auto v = std::make_unique<Params>(trainer->optimizer().v());
+        const int64_t done = trainer->optimizer().steps();
+        trainer.reset();
+        trainer = std::make_unique<Trainer>(*params, o, precision, 0, &host);
+        trainer->optimizer().m() = *m;
+        trainer->optimizer().v() = *v;
+        trainer->optimizer().set_steps(done);
+        trainer->upload();
+      }
     }
   }
-  trainer.download();
+  trainer->download();
   out.weights = clip::test::tensor_values(*params);
+  out.m = clip::test::tensor_values(trainer->optimizer().m());
+  out.v = clip::test::tensor_values(trainer->optimizer().v());
+  out.optimizer_steps = trainer->optimizer().steps();
   return out;
 }
 
@@ -200,7 +224,44 @@ void expect_same(clip::cuda::Precision precision, int64_t micro, const std::stri
   BOOST_TEST(weights <= (fp32 ? 1e-5 : 1e-3), what << ": weights");
 }
 
+// ZeRO-1 through NCCL at world size 1 against the plain step (the rows loss and the bf16
+// tolerances as above; bf16 also rebuilds its compute copy from the gathered master weights).
+template <class Cfg = ViTTiny>
+void expect_same_zero1(int64_t micro, const std::string& what,
+                       clip::cuda::Precision precision = clip::cuda::Precision::fp32) {
+  const Run plain = train<Cfg>(false, precision, micro, 3);
+  const Run zero1 = train<Cfg>(true, precision, micro, 3, false, true);
+  double loss = 0, norm = 0;
+  for (size_t s = 0; s < plain.losses.size(); ++s) {
+    loss = std::max(loss, std::abs(plain.losses[s] - zero1.losses[s]) / plain.losses[s]);
+    norm = std::max(norm, std::abs(double(plain.norms[s]) - zero1.norms[s]) / plain.norms[s]);
+  }
+  const double gradients = worst_relative(plain.first_moments, zero1.first_moments);
+  const double weights = worst_relative(plain.weights, zero1.weights);
+  const double m = worst_relative(plain.m, zero1.m), v = worst_relative(plain.v, zero1.v);
+  BOOST_TEST_MESSAGE(what << ": loss " << loss << ", gradient norm " << norm << ", gradients " << gradients
+                          << ", weights " << weights << ", m " << m << ", v " << v << " (relative, over 3 steps)");
+  const bool fp32 = precision == clip::cuda::Precision::fp32;
+  BOOST_TEST(loss <= (fp32 ? 1e-6 : 1e-5), what << ": loss");
+  BOOST_TEST(norm <= (fp32 ? 1e-5 : 1e-3), what << ": gradient norm");
+  BOOST_TEST(gradients <= (fp32 ? 1e-5 : 1e-2), what << ": gradients (the gathered first moments after step 1)");
+  BOOST_TEST(weights <= (fp32 ? 1e-5 : 1e-3), what << ": weights");
+  BOOST_TEST(m <= (fp32 ? 1e-5 : 1e-2), what << ": first moments after the checkpoint round trip and 2 more steps");
+  BOOST_TEST(v <= (fp32 ? 2e-5 : 2e-2), what << ": second moments after the checkpoint round trip and 2 more steps");
+  BOOST_TEST(zero1.optimizer_steps == plain.optimizer_steps, what << ": optimizer step count");
+}
+
 }  // namespace
+
+BOOST_AUTO_TEST_CASE(trainer_step_with_zero1_through_nccl_equals_the_plain_step_fp32) {
+  expect_same_zero1(8, "ZeRO-1 fp32, whole batch");
+  expect_same_zero1(3, "ZeRO-1 fp32, micro-batches 3 + 3 + 2");
+  expect_same_zero1<RNTiny>(8, "ZeRO-1 RN-tiny fp32 (BatchNorm buffers between the trained tensors)");
+}
+
+BOOST_AUTO_TEST_CASE(trainer_step_with_zero1_through_nccl_equals_the_plain_step_bf16) {
+  expect_same_zero1(8, "ZeRO-1 bf16, whole batch", clip::cuda::Precision::bf16);
+}
 
 BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_fp32) {
   expect_same(clip::cuda::Precision::fp32, 8, "fp32, whole batch");
