@@ -604,10 +604,11 @@ void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
   const clip::dist::Slice first = clip::dist::batch_slice(batch, world, 0);
   const clip::dist::Slice last = clip::dist::batch_slice(batch, world, world - 1);
   const clip::dist::StepTraffic t = clip::dist::step_traffic(clip::dims<Cfg>::parameters, Cfg::embed_dim, batch, world);
-  std::printf("%s: %s; %lld pairs per step, %lld%s per rank; logits per rank [%lld, %lld]\n", kProgram,
-              comm.describe().c_str(), static_cast<long long>(batch), static_cast<long long>(first.rows),
+  const clip::dist::LogitShape logits = clip::dist::logits_per_rank(batch, world, 0);  // rank 0's are the largest
+  std::printf("%s: %s; %lld pairs per step, %lld%s per rank; logits per rank [%lld, %lld] (CPU and GPU alike)\n",
+              kProgram, comm.describe().c_str(), static_cast<long long>(batch), static_cast<long long>(first.rows),
               first.rows == last.rows ? "" : (" or " + std::to_string(last.rows)).c_str(),
-              static_cast<long long>(first.rows), static_cast<long long>(batch));
+              static_cast<long long>(logits.rows), static_cast<long long>(logits.columns));
   std::printf("%s: per step and rank: features %s gathered, feature gradients %s, parameter gradients %s "
               "(ZeRO-1 would move the same, and hold AdamW moments of %s instead of %s)\n",
               kProgram, bytes_text(t.feature_bytes).c_str(), bytes_text(t.feature_grad_bytes).c_str(),
@@ -672,27 +673,32 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   Trainer trainer = [&] {
     if constexpr (D == clip::Device::cuda) {
       // One process per GPU, the node-local rank's GPU; the collectives over NCCL.
-      CLIP_CHECK(!args.zero1 && !(args.sync_bn && comm.size() > 1),
-                 "--device cuda does not shard the optimizer (--zero1) or synchronise BatchNorm (--sync-bn) yet: "
-                 "these train on the CPU");
-      if (comm.size() == 1) return Trainer(model.params(), options, args.device.precision());
-      std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes logits [%lld, %lld] on every "
-                  "rank\n", kProgram, comm.rank(), gpu, static_cast<long long>(run.batch),
-                  static_cast<long long>(run.batch));
+      // --zero1 at one process still runs the sharded optimizer (through NCCL, at world size 1).
+      if (comm.size() == 1 && !args.zero1) return Trainer(model.params(), options, args.device.precision());
+      const clip::dist::LogitShape logits = clip::dist::logits_per_rank(run.batch, comm.size(), comm.rank());
+      std::printf("%s: rank %d on GPU %d; collectives over NCCL; the GPU loss computes this rank's logits [%lld, "
+                  "%lld]\n", kProgram, comm.rank(), gpu, static_cast<long long>(logits.rows),
+                  static_cast<long long>(logits.columns));
       return Trainer(model.params(), options, args.device.precision(), gpu, &comm);
     } else {
       return Trainer(model.params(), options, &comm, args.device.precision());
     }
   }();
   // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
-  // the final weights read the host copy, brought up to date first.
+  // the final weights read the host copy, brought up to date first (the weights alone: no
+  // collective, rank 0 may call it by itself; every rank holds the whole weights).
   auto to_host = [&] {
-    if constexpr (D == clip::Device::cuda) trainer.download();
+    if constexpr (D == clip::Device::cuda) trainer.download(model.params());
   };
-  // The whole optimizer state (with --zero1 gathered from the ranks: every rank calls it).
+  // The whole optimizer state (with --zero1 gathered from the ranks: every rank calls it; on a
+  // GPU the weights come down with it).
   auto optimizer_state = [&]() -> auto& {
-    if constexpr (D == clip::Device::cuda) return trainer.optimizer();
-    else return trainer.optimizer_state();
+    if constexpr (D == clip::Device::cuda) {
+      trainer.download();
+      return trainer.optimizer();
+    } else {
+      return trainer.optimizer_state();
+    }
   };
   auto release_optimizer_state = [&] {
     if constexpr (D == clip::Device::cpu) trainer.release_optimizer_state();
@@ -703,6 +709,18 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
                   args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
                                 " ranks; unsharded " + bytes_text(8.0 * params) + ")").c_str()
                              : "");
+  } else {
+    const auto b = trainer.state_bytes();
+    const auto u = trainer.unsharded_state_bytes();
+    std::printf("%s: GPU memory per rank for weights, gradients and AdamW state %s (master %s, %sgradients %s, "
+                "moments %s%s)%s\n", kProgram, bytes_text(double(b.total())).c_str(), bytes_text(double(b.master)).c_str(),
+                b.compute ? ("bf16 copy " + bytes_text(double(b.compute)) + ", ").c_str() : "",
+                bytes_text(double(b.gradients)).c_str(), bytes_text(double(b.moments)).c_str(),
+                args.zero1 ? (", summed-gradient shard " + bytes_text(double(b.shard_gradients)) + ", staging " +
+                              bytes_text(double(b.staging))).c_str() : "",
+                args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
+                              " ranks, master weights whole on every rank; unsharded " + bytes_text(double(u.total())) +
+                              ")").c_str() : "");
   }
 
   clip::CheckpointInfo info;

@@ -26,6 +26,20 @@
 // statistics double, as the CPU. In fp32 the differences from the CPU are the summation orders
 // of the gemms and the double reductions (results agree to ~1e-6 relative).
 //
+// Data parallel, by rows (contrastive_loss_rows, mirroring the CPU's function of that name): a
+// rank owning rows [first, first + n) of the global batch computes, from every rank's features,
+//   Lr [n, B] = s A_own B^T   its rows of L         Lc [n, B] = s B_own A^T   its columns of L
+// (two gemm_nt), then one block per row of each (own_rows_softmax_kernel): scaled in place, its
+// max and double sum of exponentials, its loss term (target column first + i), and in place
+// G = (softmax - one-hot) / (2B) with the row's share of d logit_scale. The loss share is the
+// sum of the 2n terms / (2B) (finish_rows_loss_kernel, a fixed order), and the gradients of ALL
+// B rows of both feature matrices (the rank's share, fp32, to be reduce-scattered to the owners)
+// come from four gemms, in the CPU's order:
+//   dA = Gc^T B_own,  dA_own += Gr B,  dB = Gr^T A_own,  dB_own += Gc A,
+// then through_norm_kernel. Scratch is [n, B] twice, never [B, B]; n = B is the one-process
+// loss computed with L twice (Lr and Lc = L^T), which is why one GPU without a communicator keeps
+// the single-matrix contrastive_loss above.
+//
 // The CPU throws when a feature row has a zero or non-finite norm. A kernel cannot throw: the
 // loss is written as NaN instead and d logit_scale is left untouched; the caller checks that the
 // loss is finite before it uses the gradients, as clip::Trainer does.
@@ -83,6 +97,44 @@ struct ContrastiveLossScratch {
   static size_t bytes(int64_t capacity) {
     Arena plan = Arena::planner();
     ContrastiveLossScratch sizing(plan, capacity);
+    return (plan.used() + Arena::alignment - 1) / Arena::alignment * Arena::alignment;
+  }
+};
+
+// The rows variant's working memory, for `rows` owned rows of batches of up to `batch` pairs.
+template <int E>
+struct ContrastiveLossRowsScratch {
+  static_assert(E > 0, "the embedding needs a positive size");
+  int64_t batch = 0, rows = 0;
+  float* a = nullptr;        // [B, E] unit image features (every rank's)
+  float* b = nullptr;        // [B, E] unit text features
+  float* norm_a = nullptr;   // [B]
+  float* norm_b = nullptr;   // [B]
+  float* lr = nullptr;       // [n, B] the owned rows of L, then their G
+  float* lc = nullptr;       // [n, B] the owned columns of L (transposed), then their G
+  float* da = nullptr;       // [B, E] d loss / d A (before the factor s)
+  float* db = nullptr;       // [B, E] d loss / d B
+  double* row_loss = nullptr;    // [2n] the loss terms of the rows of Lr, then of Lc
+  double* row_dscale = nullptr;  // [2n] their shares of d logit_scale
+
+  ContrastiveLossRowsScratch(Arena& arena, int64_t batch_, int64_t rows_) : batch(batch_), rows(rows_) {
+    CLIP_CHECK(batch > 0 && rows > 0 && rows <= batch, "the contrastive loss by rows needs 1 to ", batch,
+               " owned rows of a batch of at least one pair, got ", rows);
+    a = arena.take<float>(batch * E);
+    b = arena.take<float>(batch * E);
+    norm_a = arena.take<float>(batch);
+    norm_b = arena.take<float>(batch);
+    lr = arena.take<float>(rows * batch);
+    lc = arena.take<float>(rows * batch);
+    da = arena.take<float>(batch * E);
+    db = arena.take<float>(batch * E);
+    row_loss = arena.take<double>(2 * rows);
+    row_dscale = arena.take<double>(2 * rows);
+  }
+  // As ContrastiveLossScratch::bytes.
+  static size_t bytes(int64_t batch, int64_t rows) {
+    Arena plan = Arena::planner();
+    ContrastiveLossRowsScratch sizing(plan, batch, rows);
     return (plan.used() + Arena::alignment - 1) / Arena::alignment * Arena::alignment;
   }
 };
@@ -240,6 +292,76 @@ __global__ void __launch_bounds__(kLossThreads)
   }
 }
 
+// grid (n, 2): blockIdx.y 0 takes row i of Lr (image first + i against every text), 1 row i of
+// Lc (text first + i against every image); both target column first + i. Unscaled on entry; on
+// exit the row holds G's row (softmax - one-hot) / (2B), and logits_per_image (if not null) the
+// scaled rows of Lr, as the CPU's contrastive_loss_rows.
+static __global__ void __launch_bounds__(kLossThreads)
+    own_rows_softmax_kernel(float* __restrict__ lr, float* __restrict__ lc, float* __restrict__ logits_per_image,
+                            double* __restrict__ row_loss, double* __restrict__ row_dscale,
+                            const float* __restrict__ logit_scale, int64_t B, int64_t first, int64_t n) {
+  const int64_t i = blockIdx.x;
+  const bool is_col = blockIdx.y == 1;
+  const float s = logit_temperature(logit_scale);
+  float* row = (is_col ? lc : lr) + i * B;
+  float* keep = is_col || !logits_per_image ? nullptr : logits_per_image + i * B;
+  float top = -INFINITY;
+  for (int64_t j = threadIdx.x; j < B; j += kLossThreads) {
+    const float x = __fmul_rn(row[j], s);
+    row[j] = x;
+    if (keep) keep[j] = x;
+    top = fmaxf(top, x);
+  }
+  top = block_all_reduce<kLossThreads>(top, Max{});
+  double sum = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kLossThreads) sum += exp(static_cast<double>(row[j]) - top);
+  sum = block_all_reduce<kLossThreads>(sum, Plus{});  // its barriers also publish row[] to the block
+  const int64_t target = first + i;
+  const float target_logit = row[target];
+  __syncthreads();  // every thread has read the target before its owner overwrites it with G
+  const float inv = __fdiv_rn(1.0f, static_cast<float>(2 * B));
+  double ds = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kLossThreads) {
+    const float l = row[j];
+    const float p = static_cast<float>(exp(static_cast<double>(l) - top) / sum);
+    const float g = __fmul_rn(__fsub_rn(p, j == target ? 1.0f : 0.0f), inv);
+    ds += static_cast<double>(g) * l;
+    row[j] = g;
+  }
+  ds = block_all_reduce<kLossThreads>(ds, Plus{});
+  if (threadIdx.x == 0) {
+    const int64_t k = (is_col ? n : 0) + i;
+    row_loss[k] = (static_cast<double>(top) + log(sum)) - static_cast<double>(target_logit);
+    row_dscale[k] = ds;
+  }
+}
+
+// One block: the rank's share of the loss (its 2n terms / 2B) and of d logit_scale; NaN when any
+// of the B feature rows has a zero or non-finite norm (every rank sees every row).
+static __global__ void __launch_bounds__(kLossThreads)
+    finish_rows_loss_kernel(const double* __restrict__ row_loss, const double* __restrict__ row_dscale,
+                            const float* __restrict__ norm_a, const float* __restrict__ norm_b, int64_t B, int64_t n,
+                            float* __restrict__ loss, double* __restrict__ loss_exact,
+                            float* __restrict__ d_logit_scale) {
+  double l = 0, d = 0;
+  int bad = 0;
+  for (int64_t k = threadIdx.x; k < 2 * n; k += kLossThreads) {
+    l += row_loss[k];
+    d += row_dscale[k];
+  }
+  for (int64_t i = threadIdx.x; i < B; i += kLossThreads)
+    bad |= !(norm_a[i] > 0.0f && isfinite(norm_a[i]) && norm_b[i] > 0.0f && isfinite(norm_b[i]));
+  l = block_all_reduce<kLossThreads>(l, Plus{});
+  d = block_all_reduce<kLossThreads>(d, Plus{});
+  bad = block_all_reduce<kLossThreads>(bad, Plus{});
+  if (threadIdx.x == 0) {
+    const double value = bad ? static_cast<double>(NAN) : l / static_cast<double>(2 * B);
+    if (loss) *loss = static_cast<float>(value);
+    if (loss_exact) *loss_exact = value;
+    if (!bad && d_logit_scale) *d_logit_scale += static_cast<float>(d);
+  }
+}
+
 }  // namespace detail
 
 // Loss of `batch` matching pairs (row i of each feature matrix is a pair) and the gradients:
@@ -281,6 +403,60 @@ void contrastive_loss(Context& ctx, ContrastiveLossScratch<E>& scratch, const S*
   gemm_nn<float, float>(ctx, B, E, B, s.g, B, s.b, E, s.da, E);  // G B
   gemm_tn<float, float>(ctx, B, E, B, s.g, B, s.a, E, s.db, E);  // G^T A
   detail::through_norm_kernel<E, S><<<dim3(static_cast<unsigned>(B), 2), detail::kLossThreads, 0, stream>>>(
+      s.a, s.b, s.da, s.db, s.norm_a, s.norm_b, logit_scale, d_image, d_text);
+  CLIP_CUDA_CHECK(cudaGetLastError());
+}
+
+// A rank's share, for its rows [first, first + rows) of `batch` pairs (contrastive_loss_rows on
+// the CPU): every rank's features in, its share of the loss and of the gradients of all `batch`
+// rows of both feature matrices out:
+//   image_features, text_features  S [B, E], every rank's (gathered)
+//   logit_scale    device float: the fp32 master value
+//   d_image, d_text float [B, E], assigned: this rank's share of every row's gradient (zero
+//                  where its terms do not reach), fp32 for the reduce-scatter that sums them
+//   loss           device float, assigned (null: not written); loss_exact device double (optional)
+//   d_logit_scale  device float, += this rank's share (null: not written)
+//   logits_per_image device float [rows, B] (optional): this rank's rows of L
+template <int E, class S>
+void contrastive_loss_rows(Context& ctx, ContrastiveLossRowsScratch<E>& scratch, const S* image_features,
+                           const S* text_features, int64_t batch, int64_t first, int64_t rows,
+                           const float* logit_scale, float* d_image, float* d_text, float* loss, float* d_logit_scale,
+                           double* loss_exact = nullptr, float* logits_per_image = nullptr) {
+  static_assert(is_storage_type<S>, "features are float or bf16");
+  CLIP_CHECK(batch > 0, "the contrastive loss needs at least one pair, got ", batch);
+  CLIP_CHECK(first >= 0 && rows > 0 && first + rows <= batch, "the rows [", first, ", ", first + rows,
+             ") are not a slice of a batch of ", batch);
+  CLIP_CHECK(batch <= scratch.batch && rows <= scratch.rows, "the contrastive loss's scratch holds ", scratch.rows,
+             " rows of ", scratch.batch, " pairs, the call needs ", rows, " rows of ", batch);
+  CLIP_CHECK(batch < (int64_t{1} << 31), "the batch is too large for one grid (", batch, " pairs)");
+  CLIP_CHECK(image_features && text_features && logit_scale && d_image && d_text,
+             "the contrastive loss needs both feature matrices, logit_scale and both gradient outputs");
+  const int64_t B = batch, n = rows;
+  const cudaStream_t stream = ctx.stream();
+  auto& s = scratch;
+  const float* a_own = s.a + first * E;  // [n, E]
+  const float* b_own = s.b + first * E;  // [n, E]
+
+  detail::normalize_kernel<E, S><<<dim3(static_cast<unsigned>(B), 2), detail::kLossThreads, 0, stream>>>(
+      image_features, text_features, s.a, s.b, s.norm_a, s.norm_b);
+  CLIP_CUDA_CHECK(cudaGetLastError());
+  gemm_nt<float, float>(ctx, n, B, E, a_own, E, s.b, E, s.lr, B);  // A_own B^T, unscaled
+  gemm_nt<float, float>(ctx, n, B, E, b_own, E, s.a, E, s.lc, B);  // B_own A^T, unscaled
+  detail::own_rows_softmax_kernel<<<dim3(static_cast<unsigned>(n), 2), detail::kLossThreads, 0, stream>>>(
+      s.lr, s.lc, logits_per_image, s.row_loss, s.row_dscale, logit_scale, B, first, n);
+  CLIP_CUDA_CHECK(cudaGetLastError());
+  detail::finish_rows_loss_kernel<<<1, detail::kLossThreads, 0, stream>>>(
+      s.row_loss, s.row_dscale, s.norm_a, s.norm_b, B, n, loss, loss_exact, d_logit_scale);
+  CLIP_CUDA_CHECK(cudaGetLastError());
+  const float* gr = s.lr;  // [n, B]
+  const float* gc = s.lc;  // [n, B]
+  GemmEpilogue<float> add;
+  add.beta = 1;
+  gemm_tn<float, float>(ctx, B, E, n, gc, B, b_own, E, s.da, E);             // dA = Gc^T B_own
+  gemm_nn<float, float>(ctx, n, E, B, gr, B, s.b, E, s.da + first * E, E, add);  // dA_own += Gr B
+  gemm_tn<float, float>(ctx, B, E, n, gr, B, a_own, E, s.db, E);             // dB = Gr^T A_own
+  gemm_nn<float, float>(ctx, n, E, B, gc, B, s.a, E, s.db + first * E, E, add);  // dB_own += Gc A
+  detail::through_norm_kernel<E, float><<<dim3(static_cast<unsigned>(B), 2), detail::kLossThreads, 0, stream>>>(
       s.a, s.b, s.da, s.db, s.norm_a, s.norm_b, logit_scale, d_image, d_text);
   CLIP_CUDA_CHECK(cudaGetLastError());
 }

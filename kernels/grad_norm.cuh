@@ -77,14 +77,17 @@ static __global__ void __launch_bounds__(kNormThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
-// Stage 2: *norm = sqrt(sum of the partials).
-static __global__ void __launch_bounds__(kNormThreads)
+// Stage 2: *norm = sqrt(sum of the partials) (Root), or the sum itself.
+template <bool Root>
+__global__ void __launch_bounds__(kNormThreads)
     finish_norm_kernel(const double* __restrict__ partials, int64_t count, double* __restrict__ norm) {
   double sum = 0;
   for (int64_t i = threadIdx.x; i < count; i += kNormThreads) sum += partials[i];
   sum = block_all_reduce<kNormThreads>(sum, Plus{});
-  if (threadIdx.x == 0) *norm = sqrt(sum);
+  if (threadIdx.x == 0) *norm = Root ? sqrt(sum) : sum;
 }
+
+static __global__ void square_root_kernel(double* x) { *x = sqrt(*x); }
 
 static __global__ void scale_kernel(const clip::TensorChunk* __restrict__ chunks, float* __restrict__ g, float factor) {
   const clip::TensorChunk c = chunks[blockIdx.x];
@@ -107,18 +110,36 @@ __global__ void clamp_logit_scale_kernel(float* master, S* compute) {
 
 }  // namespace detail
 
+namespace detail {
+template <bool Root>
+void sum_squares(Context& ctx, MultiTensorTable& table, const float* grad, double* out) {
+  CLIP_CHECK(out, "gradient_norm needs a device double for the result");
+  if (table.count() == 0) {
+    CLIP_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), ctx.stream()));
+    return;
+  }
+  sum_squares_kernel<<<static_cast<unsigned>(table.count()), kNormThreads, 0, ctx.stream()>>>(table.chunks(), grad,
+                                                                                                table.partials());
+  CLIP_CUDA_CHECK(cudaGetLastError());
+  finish_norm_kernel<Root><<<1, kNormThreads, 0, ctx.stream()>>>(table.partials(), table.count(), out);
+  CLIP_CUDA_CHECK(cudaGetLastError());
+}
+}  // namespace detail
+
 // *norm (device double) = sqrt(sum of g^2) over every tensor of the table. Uses the table's
 // partials as scratch, so one table serves one norm at a time (stream order).
 inline void gradient_norm(Context& ctx, MultiTensorTable& table, const float* grad, double* norm) {
-  CLIP_CHECK(norm, "gradient_norm needs a device double for the result");
-  if (table.count() == 0) {
-    CLIP_CUDA_CHECK(cudaMemsetAsync(norm, 0, sizeof(double), ctx.stream()));
-    return;
-  }
-  detail::sum_squares_kernel<<<static_cast<unsigned>(table.count()), detail::kNormThreads, 0, ctx.stream()>>>(
-      table.chunks(), grad, table.partials());
-  CLIP_CUDA_CHECK(cudaGetLastError());
-  detail::finish_norm_kernel<<<1, detail::kNormThreads, 0, ctx.stream()>>>(table.partials(), table.count(), norm);
+  detail::sum_squares<true>(ctx, table, grad, norm);
+}
+
+// *sum (device double) = sum of g^2 over the table, without the root: ZeRO-1 adds the ranks'
+// sums before one square_root (the norm of the whole gradient, as one process takes it).
+inline void gradient_sum_squares(Context& ctx, MultiTensorTable& table, const float* grad, double* sum) {
+  detail::sum_squares<false>(ctx, table, grad, sum);
+}
+
+inline void square_root(Context& ctx, double* x) {
+  detail::square_root_kernel<<<1, 1, 0, ctx.stream()>>>(x);
   CLIP_CUDA_CHECK(cudaGetLastError());
 }
 

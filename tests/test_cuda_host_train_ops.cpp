@@ -7,7 +7,10 @@
 // - the two-stage gradient norm over the table equals clip::gradient_norm;
 // - the contrastive loss's kernel decomposition (row pass, column pass that finalises G, per-row and
 //   per-column partials, the gradient through the normalisation), run on the host, equals
-//   clip::contrastive_loss.
+//   clip::contrastive_loss;
+// - the loss by rows (contrastive_loss_rows: its gemm calls with their shapes, strides and
+//   offsets as kernels/gemm.cuh defines them, the in-place row kernel, the fixed-order finish),
+//   run on the host, equals clip::contrastive_loss_rows for several slices.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "clip/dist/communicator.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/adamw_math.hpp"
@@ -401,6 +405,139 @@ BOOST_AUTO_TEST_CASE(contrastive_loss_kernel_decomposition_matches_cpu) {
       worst = std::max({worst, e_loss, e_ds, e_img, e_txt, e_l});
     }
   BOOST_TEST_MESSAGE("contrastive loss, kernel decomposition vs clip::contrastive_loss: worst relative error " << worst);
+}
+
+// ---- Contrastive loss by rows: the kernels' decomposition on the host --------------------------
+
+// kernels/gemm.cuh's row-major products, as plain fp32 loops over the same arguments:
+//   nt: Y[m, n] = X[m, k] W[n, k]^T;  nn: Y[m, n] = X[m, k] P[k, n];  tn: Y[m, n] = X[k, m]^T P[k, n]
+// (beta 1: added to Y). Element (r, c) of X is x[r * ldx + c], and so on.
+enum class Op { nt, nn, tn };
+void host_gemm(Op op, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const float* p, int64_t ldp,
+               float* y, int64_t ldy, float beta = 0) {
+  BOOST_REQUIRE(ldy >= n);
+  BOOST_REQUIRE(ldx >= (op == Op::tn ? m : k));
+  BOOST_REQUIRE(ldp >= (op == Op::nt ? k : n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0;
+      for (int64_t q = 0; q < k; ++q) {
+        const float xv = op == Op::tn ? x[q * ldx + i] : x[i * ldx + q];
+        const float pv = op == Op::nt ? p[j * ldp + q] : p[q * ldp + j];
+        acc += xv * pv;
+      }
+      y[i * ldy + j] = beta != 0 ? y[i * ldy + j] + acc : acc;
+    }
+}
+
+// What contrastive_loss_rows in kernels/contrastive_loss.cuh computes for rows [first, first + n).
+template <int E>
+Emulated emulate_rows_kernels(const std::vector<float>& img, const std::vector<float>& txt, int64_t B, int64_t first,
+                              int64_t n, float logit_scale) {
+  std::vector<float> a(B * E), b(B * E), na(B), nb(B);
+  auto normalize = [&](const std::vector<float>& x, std::vector<float>& u, std::vector<float>& norms) {
+    for (int64_t i = 0; i < B; ++i) {  // normalize_kernel
+      double sq = 0;
+      for (int j = 0; j < E; ++j) sq = std::fma(double(x[i * E + j]), double(x[i * E + j]), sq);
+      norms[i] = static_cast<float>(std::sqrt(sq));
+      for (int j = 0; j < E; ++j) u[i * E + j] = x[i * E + j] / norms[i];
+    }
+  };
+  normalize(img, a, na);
+  normalize(txt, b, nb);
+  const float s = static_cast<float>(std::exp(double(logit_scale)));
+  const float* a_own = a.data() + first * E;
+  const float* b_own = b.data() + first * E;
+  std::vector<float> lr(n * B), lc(n * B), logits(n * B);
+  host_gemm(Op::nt, n, B, E, a_own, E, b.data(), E, lr.data(), B);
+  host_gemm(Op::nt, n, B, E, b_own, E, a.data(), E, lc.data(), B);
+  std::vector<double> row_loss(2 * n), row_ds(2 * n);
+  const float inv = 1.0f / static_cast<float>(2 * B);
+  for (int y = 0; y < 2; ++y)  // own_rows_softmax_kernel, grid (n, 2)
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = (y == 1 ? lc.data() : lr.data()) + i * B;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < B; ++j) {
+        row[j] = clip::detail::mul_rn(row[j], s);
+        if (y == 0) logits[i * B + j] = row[j];
+        top = std::max(top, row[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < B; ++j) sum += std::exp(double(row[j]) - top);
+      const float target = row[first + i];
+      double ds = 0;
+      for (int64_t j = 0; j < B; ++j) {
+        const float l = row[j];
+        const float prob = static_cast<float>(std::exp(double(l) - top) / sum);
+        const float g = clip::detail::mul_rn(clip::detail::rounded(prob - (j == first + i ? 1.0f : 0.0f)), inv);
+        ds += double(g) * l;
+        row[j] = g;
+      }
+      row_loss[y * n + i] = (double(top) + std::log(sum)) - double(target);
+      row_ds[y * n + i] = ds;
+    }
+  double l = 0, d = 0;  // finish_rows_loss_kernel
+  for (int64_t k = 0; k < 2 * n; ++k) l += row_loss[k], d += row_ds[k];
+  Emulated out{l / double(2 * B), static_cast<float>(d), std::vector<float>(B * E), std::vector<float>(B * E), logits};
+  std::vector<float> da(B * E), db(B * E);
+  host_gemm(Op::tn, B, E, n, lc.data(), B, b_own, E, da.data(), E);
+  host_gemm(Op::nn, n, E, B, lr.data(), B, b.data(), E, da.data() + first * E, E, 1.0f);
+  host_gemm(Op::tn, B, E, n, lr.data(), B, a_own, E, db.data(), E);
+  host_gemm(Op::nn, n, E, B, lc.data(), B, a.data(), E, db.data() + first * E, E, 1.0f);
+  auto through_norm = [&](const std::vector<float>& u, const std::vector<float>& du, const std::vector<float>& norms,
+                          std::vector<float>& o) {  // through_norm_kernel
+    for (int64_t i = 0; i < B; ++i) {
+      double dot = 0;
+      for (int j = 0; j < E; ++j) dot += (double(u[i * E + j]) * double(du[i * E + j])) * double(s);
+      for (int j = 0; j < E; ++j)
+        o[i * E + j] = static_cast<float>(
+            (double(clip::detail::mul_rn(s, du[i * E + j])) - double(u[i * E + j]) * dot) / double(norms[i]));
+    }
+  };
+  through_norm(a, da, na, out.d_image);
+  through_norm(b, db, nb, out.d_text);
+  return out;
+}
+
+BOOST_AUTO_TEST_CASE(contrastive_loss_rows_kernel_decomposition_matches_cpu) {
+  constexpr int E = 48;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  double worst = 0;
+  for (int64_t B : {1, 2, 7, 33, 130})
+    for (float ls : {0.0f, 2.6592600f, 4.6051701859880914f}) {
+      std::vector<float> img(B * E), txt(B * E);
+      for (float& x : img) x = normal(rng);
+      for (float& x : txt) x = normal(rng);
+      std::vector<clip::dist::Slice> slices = {{0, B}, {0, 1}, {B - 1, 1}};
+      for (int world : {2, 3})
+        for (int r = 0; r < world; ++r)
+          if (clip::dist::batch_slice(B, world, r).rows > 0) slices.push_back(clip::dist::batch_slice(B, world, r));
+      for (const clip::dist::Slice& sl : slices) {
+        std::vector<float> d_img(B * E), d_txt(B * E), logits(sl.rows * B);
+        const clip::ContrastiveLoss want = clip::contrastive_loss_rows<E>(img.data(), txt.data(), B, sl.first, sl.rows,
+                                                                          ls, d_img.data(), d_txt.data(), logits.data());
+        const Emulated got = emulate_rows_kernels<E>(img, txt, B, sl.first, sl.rows, ls);
+        const double e_loss = std::abs(got.loss - want.loss) / std::max(1e-3, want.loss);
+        const double e_ds = std::abs(double(got.d_scale) - want.d_logit_scale) /
+                            std::max(1e-3, std::abs(double(want.d_logit_scale)));
+        // Logits relative to their bound s = exp(logit_scale) (a lone logit may be near zero).
+        double l_diff = 0;
+        for (size_t i = 0; i < logits.size(); ++i) l_diff = std::max(l_diff, std::abs(double(got.logits[i]) - logits[i]));
+        const double e_img = rel_err(got.d_image, d_img), e_txt = rel_err(got.d_text, d_txt),
+                     e_l = l_diff / std::exp(double(ls));
+        const std::string where = "B=" + std::to_string(B) + " rows [" + std::to_string(sl.first) + ", " +
+                                  std::to_string(sl.first + sl.rows) + ") logit_scale=" + std::to_string(ls);
+        BOOST_TEST(e_loss <= 1e-6, where << ": loss " << got.loss << " vs " << want.loss);
+        BOOST_TEST(e_ds <= 1e-5, where << ": d_logit_scale " << got.d_scale << " vs " << want.d_logit_scale);
+        BOOST_TEST(e_img <= 1e-5, where);
+        BOOST_TEST(e_txt <= 1e-5, where);
+        BOOST_TEST(e_l <= 1e-6, where);
+        worst = std::max({worst, e_loss, e_ds, e_img, e_txt, e_l});
+      }
+    }
+  BOOST_TEST_MESSAGE("contrastive loss by rows, kernel decomposition vs clip::contrastive_loss_rows: worst relative "
+                     "error " << worst);
 }
 
 }  // namespace

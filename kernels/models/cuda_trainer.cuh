@@ -30,20 +30,37 @@
 // Nothing is allocated inside a step (cuBLASLt plans are cached per shape on first use).
 //
 // Data parallel, one process per GPU (given a device Communicator, kernels/dist/): each rank
-// passes its slice of the global batch (dist::batch_slice), as the CPU Trainer. Its features go
-// into its rows of the [B, E] buffers, which are gathered; the gradients are summed in buckets of
-// the flat gradient buffer, the image tower's started as soon as its backward is done (on the
-// communicator's stream, overlapping the text tower's backward). The loss differs from the CPU
-// Trainer's here: the GPU contrastive loss computes the whole batch, so every rank computes it
-// all on the gathered features (logits [B, B] per rank, the same values on every rank) and
-// keeps its own rows of the feature gradients; the reduce-scatter of the CPU's rows variant is
-// not needed then. logit_scale's gradient is counted on rank 0 only, so that the sum is once.
+// passes its slice of the global batch (dist::batch_slice), as the CPU Trainer, and the loss is
+// the CPU Trainer's, step for step: its features go into its rows of the [B, E] buffers, which
+// are gathered; the GPU contrastive_loss_rows computes the rank's rows' logits against all B
+// columns both ways (logits [n, B] per rank, dist::logits_per_rank, never [B, B]), its share of
+// the loss and of logit_scale's gradient, and its share of every row's feature gradients (fp32),
+// which are reduce-scattered to their owners; the loss shares are summed (all-reduce of one
+// double). The parameter gradients are summed in buckets of the flat gradient buffer
+// (dist::GradientBuckets::flat_ranges, the CPU's bucket cuts), the image tower's started as soon
+// as its backward is done (on the communicator's stream, overlapping the text tower's backward);
+// logit_scale's shares are summed with them. With TrainOptions::sync_batchnorm (--sync-bn), a
+// ResNet's BatchNorms use every rank's batch statistics (kernels/batchnorm_sync.cuh, its table
+// summed over NCCL), as the CPU Trainer under BatchNormSync; the ranks must then run as many
+// micro-batches (checked at construction, as the CPU). With TrainOptions::zero1 (--zero1) the
+// gradients are not all-reduced: after backward, kernels/dist/sharded_adamw.cuh reduce-scatters
+// them into this rank's shard (the CPU's cut, dist::shard_plan), takes the global norm from the
+// shards, and AdamW updates the shard's master weights, whose moments only this rank holds; the
+// master weights are then all-gathered and the bf16 copy rebuilt. The step's semantics (clipping,
+// clamp, schedule, refusals) do not change; download()/upload() gather and scatter the moments.
+//
+// Which loss: one GPU without a communicator keeps the single-matrix contrastive_loss (L formed
+// once, column statistics by a column kernel); the rows variant at n = B would form L twice (Lr
+// and Lc = L^T). Any communicator, even of one process, takes the rows path, so that the NCCL
+// test at world size 1 (tests/cuda/test_cuda_nccl.cu) runs on one GPU the code that several GPUs
+// run, against the single-matrix step.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -52,6 +69,7 @@
 #include "clip/cuda/trainer.hpp"
 #include "clip/dist/communicator.hpp"
 #include "clip/dist/gradient_buckets.hpp"
+#include "clip/dist/step_traffic.hpp"
 #include "clip/ops/embedding.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/adamw_math.hpp"
@@ -60,6 +78,7 @@
 #include "clip/train/schedule.hpp"
 #include "clip/train/trainer.hpp"
 #include "kernels/adamw.cuh"
+#include "kernels/batchnorm_sync.cuh"
 #include "kernels/check.cuh"
 #include "kernels/context.cuh"
 #include "kernels/contrastive_loss.cuh"
@@ -67,7 +86,9 @@
 #if CLIP_WITH_NCCL
 #include "kernels/dist/nccl_communicator.cuh"
 #endif
+#include "kernels/dist/sharded_adamw.cuh"
 #include "kernels/grad_norm.cuh"
+#include "kernels/linear.cuh"  // convert
 #include "kernels/models/cuda_model.cuh"
 #include "kernels/storage.cuh"
 
@@ -117,10 +138,19 @@ class TrainNet {
         slice_(dist::batch_slice(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
         micro_(std::min(options_.micro_batch, slice_.rows)),
         net_(ctx, host, host, micro_, /*training=*/true, options_.recompute),
-        m_(net_.weights().size()), v_(net_.weights().size()),
+        m_(options_.zero1 ? 0 : net_.weights().size()), v_(options_.zero1 ? 0 : net_.weights().size()),
         features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
-        loss_arena_(ContrastiveLossScratch<E>::bytes(options_.batch)), loss_scratch_(loss_arena_, options_.batch),
+        logits_(dist::logits_per_rank(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
+        loss_arena_(comm ? ContrastiveLossRowsScratch<E>::bytes(options_.batch, logits_.rows)
+                         : ContrastiveLossScratch<E>::bytes(options_.batch)),
         readback_(sizeof(trainer_detail::StepReadback) / sizeof(double)) {
+    if (comm) {
+      rows_scratch_.emplace(loss_arena_, options_.batch, logits_.rows);
+      d_share_ = DeviceBuffer<float>(2 * options_.batch * E);
+      if constexpr (!std::is_same_v<S, float>) d_own_ = DeviceBuffer<float>(2 * slice_.rows * E);
+    } else {
+      whole_scratch_.emplace(loss_arena_, options_.batch);
+    }
     m_.zero(ctx.stream());
     v_.zero(ctx.stream());
     readback_.zero(ctx.stream());
@@ -129,12 +159,21 @@ class TrainNet {
     for (const WeightEntry& e : net_.weights().layout().entries())
       if (e.role == Role::parameter) trained.push_back({e.offset, e.numel, clip::adamw_decays(e.name, e.rank)});
     table_ = MultiTensorTable(ctx, trained, net_.weights().size());
+    CLIP_CHECK(!options_.zero1 || comm_, "ZeRO-1 (--zero1) shards the optimizer across the processes of a "
+               "communicator: the GPU trainer needs one (a one-process communicator runs it at world size 1)");
     if (comm_) {
       CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                  comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
-      plan_gradient_sums();
-      dscale_sink_ = DeviceBuffer<float>(1);
-      dscale_sink_.zero(ctx.stream());
+      if (options_.zero1) {
+        zero1_.emplace(ctx, zero1_plan(trained, comm_->size(), comm_->rank()), net_.weights().size(), *comm_);
+      } else {
+        plan_gradient_sums();
+      }
+      if constexpr (has_running_stats)
+        if (options_.sync_batchnorm) {
+          check_equal_passes();
+          bn_table_ = DeviceBuffer<double>(BatchNormSyncScope::capacity_for(comm_->size(), kWidestBatchNorm));
+        }
     }
     ctx.synchronize();
   }
@@ -148,6 +187,10 @@ class TrainNet {
                   const int32_t* host_pool = nullptr) {
     const int64_t B = slice_.rows, M = micro_;  // this rank's rows (the rest of the step says B for them)
     const int64_t first = slice_.first, global = options_.batch;
+    std::optional<BatchNormSyncScope> sync_bn;  // --sync-bn: BatchNorm over the global batch
+    if (bn_table_.size() > 0)
+      sync_bn.emplace([this](double* data, int64_t n) { comm_->all_reduce_sum(data, n); }, comm_->rank(),
+                      comm_->size(), bn_table_.data(), bn_table_.size());
     auto& W = net_.weights();
     Params& p = net_.keys();
     S* img = features_.data() + first * E;             // this rank's rows of [global, E]
@@ -193,8 +236,10 @@ class TrainNet {
     finish_gradient_sums();
 
     // The global norm of the trained tensors' gradients (logit_scale's included), then the one
-    // read-back of the step.
-    gradient_norm(ctx_, table_, W.grad_data(), &slots()->norm);
+    // read-back of the step. ZeRO-1: the gradients reduce-scattered into the shard, the norm
+    // from every rank's shard.
+    if (zero1_) zero1_->reduce(W.grad_data(), &slots()->norm);
+    else gradient_norm(ctx_, table_, W.grad_data(), &slots()->norm);
     read_back();
     check_loss();
     const trainer_detail::StepReadback r = *host_;
@@ -205,8 +250,9 @@ class TrainNet {
                 "gradient clipping.");
     }
     const float lr = learning_rate(steps_);
-    adamw(lr, clip::clip_factor(r.norm, options_.grad_clip_norm));
-    clamp_logit_scale<S>(ctx_, W.master(p.logit_scale), DeviceWeights<S>::separate_copy ? W.w(p.logit_scale) : nullptr);
+    adamw(lr, clip::clip_factor(r.norm, options_.grad_clip_norm));  // ZeRO-1: the clamp included
+    if (!zero1_)
+      clamp_logit_scale<S>(ctx_, W.master(p.logit_scale), DeviceWeights<S>::separate_copy ? W.w(p.logit_scale) : nullptr);
     return {r.loss, lr, std::exp(r.logit_scale), static_cast<float>(r.norm)};
   }
 
@@ -218,9 +264,37 @@ class TrainNet {
   void set_steps(int64_t s) { steps_ = s; }
   const TrainOptions& options() const { return options_; }
   dist::Slice slice() const { return slice_; }
+  // The logits this rank forms per step: [n, B] under a communicator, [B, B] without.
+  dist::LogitShape logits_per_rank() const { return logits_; }
   ClipNet<Cfg, S>& net() { return net_; }
-  float* m_data() { return m_.data(); }
-  float* v_data() { return v_.data(); }
+
+  // The whole moments m, v into host buffers of the layout's size (ZeRO-1: gathered from the
+  // ranks, a collective every rank calls), and back (ZeRO-1: this rank's slices taken).
+  void moments_to_host(float* m, float* v) {
+    if (zero1_) return zero1_->gather(m, v);
+    const int64_t n = net_.weights().size();
+    m_.download(m, n, ctx_.stream());
+    v_.download(v, n, ctx_.stream());
+  }
+  void moments_from_host(const float* m, const float* v) {
+    if (zero1_) return zero1_->scatter(m, v);
+    const int64_t n = net_.weights().size();
+    m_.upload(m, n, ctx_.stream());
+    v_.upload(v, n, ctx_.stream());
+    ctx_.synchronize();
+  }
+
+  // The device memory this rank holds for weights, gradients and the optimizer state
+  // (zero1_plan.hpp's arithmetic), and what it would hold without ZeRO-1.
+  DeviceStateBytes state_bytes() const {
+    const int64_t flat = net_.weights().size();
+    if (!zero1_) return device_state_bytes(flat, DeviceWeights<S>::separate_copy);
+    return device_state_bytes(flat, DeviceWeights<S>::separate_copy, zero1_->plan().shard.owned,
+                              zero1_->plan().shard.largest_bucket());
+  }
+  DeviceStateBytes unsharded_state_bytes() const {
+    return device_state_bytes(net_.weights().size(), DeviceWeights<S>::separate_copy);
+  }
 
  private:
   Context& ctx_;
@@ -229,26 +303,45 @@ class TrainNet {
   dist::Slice slice_;                  // this rank's rows of the global batch
   int64_t micro_;                      // pairs per forward/backward on this rank
   ClipNet<Cfg, S> net_;
-  DeviceBuffer<float> m_, v_;
+  DeviceBuffer<float> m_, v_;         // the moments (empty under ZeRO-1: zero1_ holds this rank's)
   MultiTensorTable table_;
   DeviceBuffer<S> features_;           // [2, B, E] image then text
-  DeviceBuffer<S> d_features_;         // [2, B, E] their gradients
-  Arena loss_arena_;                   // the contrastive loss's scratch, planned for B pairs
-  ContrastiveLossScratch<E> loss_scratch_;
+  DeviceBuffer<S> d_features_;         // [2, B, E] their gradients (a rank's own rows only, under a communicator)
+  dist::LogitShape logits_;            // the logits a step forms here
+  Arena loss_arena_;                   // the contrastive loss's scratch, planned for them
+  std::optional<ContrastiveLossScratch<E>> whole_scratch_;     // no communicator: [B, B]
+  std::optional<ContrastiveLossRowsScratch<E>> rows_scratch_;  // a communicator: [n, B]
+  DeviceBuffer<float> d_share_;        // [2, B, E] this rank's share of every row's feature gradients
+  DeviceBuffer<float> d_own_;          // [2, n, E] their sums for its rows, before bf16 (S = bf16 only)
   DeviceBuffer<double> readback_;      // device StepReadback (3 slots)
   trainer_detail::PinnedReadback pinned_;
   trainer_detail::StepReadback* host_ = pinned_.get();
   int64_t steps_ = 0;
-  // Ranges [first, first + n) of the flat gradient buffer summed across ranks as one collective
-  // each (buckets of GradientBuckets::kBucketFloats): the image tower's, then the rest.
-  struct Range {
-    int64_t first, n;
-  };
+  // Ranges of the flat gradient buffer summed across ranks as one collective each (the buckets of
+  // dist::GradientBuckets): the image tower's, then the rest.
+  using Range = dist::GradientBuckets::FlatRange;
   std::vector<Range> image_sums_, text_sums_;
   std::vector<std::unique_ptr<dist::PendingCollective>> pending_;
-  DeviceBuffer<float> dscale_sink_;    // ranks other than 0: where their copy of d logit_scale goes
+  DeviceBuffer<double> bn_table_;      // --sync-bn (a ResNet under a communicator): the statistics' table
+  std::optional<ShardedAdamW> zero1_;  // --zero1 (under a communicator): the sharded optimizer
 
   trainer_detail::StepReadback* slots() { return reinterpret_cast<trainer_detail::StepReadback*>(readback_.data()); }
+
+  // A ResNet's widest BatchNorm: the last stage's 4 x 8 x width channels.
+  static constexpr int64_t kWidestBatchNorm = int64_t{32} * Cfg::vision_width;
+
+  // Synchronised BatchNorm is a collective per pass: every rank must run as many (the CPU's check).
+  void check_equal_passes() const {
+    const int world = comm_->size();
+    const auto passes = [&](int r) {
+      const int64_t rows = dist::batch_slice(options_.batch, world, r).rows, m = std::min(options_.micro_batch, rows);
+      return (rows + m - 1) / m;
+    };
+    for (int r = 1; r < world; ++r)
+      CLIP_CHECK(passes(r) == passes(0), "synchronised BatchNorm needs the same number of micro-batches on every "
+                 "rank, but a global batch of ", options_.batch, " over ", world, " processes in micro-batches of ",
+                 options_.micro_batch, " gives rank 0 ", passes(0), " and rank ", r, " ", passes(r));
+  }
 
   static TrainOptions checked(TrainOptions o) {
     CLIP_CHECK(o.batch > 0, "a training batch needs at least one pair, got ", o.batch);
@@ -267,56 +360,63 @@ class TrainNet {
     return o;
   }
 
-  // The whole batch's loss (into the read-back slot) and feature gradients; logit_scale's
-  // gradient is added to its slot (gradients are zero between steps). Nothing is checked here.
-  // With a communicator, every rank's features are gathered first (S moved as floats: a gather
-  // only copies) and logit_scale's gradient counts on rank 0 only.
+  // The whole batch's loss (into the read-back slot) and this rank's feature gradients; logit_scale's
+  // gradient (this rank's share) is added to its slot (gradients are zero between steps). Nothing
+  // is checked here. With a communicator, as the CPU Trainer's checked_loss: every rank's features
+  // are gathered (S moved as floats: a gather only copies), the rank's share is computed by rows,
+  // the feature gradients are reduce-scattered to their owners and the loss shares summed.
   void loss(int64_t B) {
     auto& W = net_.weights();
     Params& p = net_.keys();
-    float* d_scale = W.g(p.logit_scale);
-    if (comm_) {
-      static_assert((E * sizeof(S)) % sizeof(float) == 0, "a feature row must be a whole number of floats");
-      const std::vector<int64_t> counts =
-          dist::slice_counts(B, comm_->size(), static_cast<int64_t>(E * sizeof(S) / sizeof(float)));
-      comm_->all_gather(reinterpret_cast<float*>(features_.data()), counts);
-      comm_->all_gather(reinterpret_cast<float*>(features_.data() + B * E), counts);
-      if (comm_->rank() != 0) {
-        d_scale = dscale_sink_.data();
-        CLIP_CUDA_CHECK(cudaMemsetAsync(d_scale, 0, sizeof(float), ctx_.stream()));
-      }
+    if (!comm_) {
+      contrastive_loss<E, S>(ctx_, *whole_scratch_, features_.data(), features_.data() + B * E, B,
+                             W.master(p.logit_scale), d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr,
+                             W.g(p.logit_scale), &slots()->loss);
+      return;
     }
-    contrastive_loss<E, S>(ctx_, loss_scratch_, features_.data(), features_.data() + B * E, B, W.master(p.logit_scale),
-                           d_features_.data(), d_features_.data() + B * E, /*loss=*/nullptr, d_scale, &slots()->loss);
+    static_assert((E * sizeof(S)) % sizeof(float) == 0, "a feature row must be a whole number of floats");
+    const std::vector<int64_t> gather_counts =
+        dist::slice_counts(B, comm_->size(), static_cast<int64_t>(E * sizeof(S) / sizeof(float)));
+    comm_->all_gather(reinterpret_cast<float*>(features_.data()), gather_counts);
+    comm_->all_gather(reinterpret_cast<float*>(features_.data() + B * E), gather_counts);
+    const int64_t first = slice_.first, n = slice_.rows;
+    float* share_img = d_share_.data();
+    float* share_txt = d_share_.data() + B * E;
+    contrastive_loss_rows<E, S>(ctx_, *rows_scratch_, features_.data(), features_.data() + B * E, B, first, n,
+                                W.master(p.logit_scale), share_img, share_txt, /*loss=*/nullptr, W.g(p.logit_scale),
+                                &slots()->loss);
+    const std::vector<int64_t> counts = dist::slice_counts(B, comm_->size(), E);
+    S* own_img = d_features_.data() + first * E;
+    S* own_txt = d_features_.data() + (B + first) * E;
+    if constexpr (std::is_same_v<S, float>) {
+      comm_->reduce_scatter_sum(share_img, own_img, counts);
+      comm_->reduce_scatter_sum(share_txt, own_txt, counts);
+    } else {  // summed in fp32, rounded once to S
+      comm_->reduce_scatter_sum(share_img, d_own_.data(), counts);
+      comm_->reduce_scatter_sum(share_txt, d_own_.data() + n * E, counts);
+      convert<S, float>(ctx_, own_img, d_own_.data(), n * E);
+      convert<S, float>(ctx_, own_txt, d_own_.data() + n * E, n * E);
+    }
+    comm_->all_reduce_sum(&slots()->loss, 1);  // a NaN share (a bad feature row) makes it NaN everywhere
   }
 
-  // The image tower's gradients (names "visual.*") and the rest, as ranges of the flat buffer:
-  // the layout keeps each tower's tensors together (checked), so each is one range, cut into
-  // buckets. Should a layout interleave them, everything is summed after the text tower.
+  // The image tower's gradients (names "visual.") and the rest, as ranges of the flat buffer cut
+  // as the CPU Trainer's buckets; buffers are not trained, so not summed.
   void plan_gradient_sums() {
-    const WeightLayout& layout = net_.weights().layout();
-    int64_t lo = layout.size(), hi = 0;
-    for (const WeightEntry& e : layout.entries())
-      if (e.name.starts_with("visual.")) lo = std::min(lo, e.offset), hi = std::max(hi, e.offset + e.numel);
-    bool separate = lo < hi;
-    for (const WeightEntry& e : layout.entries())
-      if (!e.name.starts_with("visual.") && e.offset < hi && e.offset + e.numel > lo) separate = false;
-    const auto cut = [](std::vector<Range>& into, int64_t first, int64_t end) {
-      for (int64_t at = first; at < end; at += dist::GradientBuckets::kBucketFloats)
-        into.push_back({at, std::min(dist::GradientBuckets::kBucketFloats, end - at)});
-    };
-    if (separate) {
-      cut(image_sums_, lo, hi);
-      cut(text_sums_, 0, lo);
-      cut(text_sums_, hi, layout.size());
-    } else {
-      cut(text_sums_, 0, layout.size());
+    std::vector<dist::GradientBuckets::FlatTensor> image, text;
+    for (const WeightEntry& e : net_.weights().layout().entries()) {
+      if (e.role != Role::parameter) continue;
+      const bool visual = e.name.starts_with("visual.");
+      image.push_back({e.offset, e.numel, visual});
+      text.push_back({e.offset, e.numel, !visual});
     }
+    image_sums_ = dist::GradientBuckets::flat_ranges(std::move(image));
+    text_sums_ = dist::GradientBuckets::flat_ranges(std::move(text));
     pending_.reserve(image_sums_.size() + text_sums_.size());
   }
 
   void start_gradient_sums(const std::vector<Range>& ranges) {
-    if (!comm_) return;
+    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters them after backward
     float* g = net_.weights().grad_data();
     for (const Range& r : ranges) pending_.push_back(comm_->start_all_reduce_sum(g + r.first, r.n));
   }
@@ -368,6 +468,12 @@ class TrainNet {
     const AdamWOptions& o = options_.adam;
     const clip::AdamWScalars s = clip::adamw_scalars(lr, o.beta1, o.beta2, o.eps, o.weight_decay, steps_, grad_scale);
     auto& W = net_.weights();
+    if (zero1_) {
+      const int64_t logit_scale = W.master(net_.keys().logit_scale) - W.master_data();
+      zero1_->update(W.master_data(), s, logit_scale);
+      W.refresh_compute_copy(ctx_);  // the gathered weights into the bf16 copy (nothing for fp32)
+      return;
+    }
     adamw_step<S>(ctx_, table_, W.master_data(), W.grad_data(), m_.data(), v_.data(),
                   DeviceWeights<S>::separate_copy ? W.compute_data() : nullptr, s);
   }
@@ -481,15 +587,10 @@ void Trainer<Cfg, Device::cuda>::download() {
   I.with([&](auto& net) {
     auto& W = net.net().weights();
     W.download(I.ctx, I.host);
-    std::vector<float> flat(static_cast<size_t>(W.size()));
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.m_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().unpack(flat.data(), I.mirror.m());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(flat.data(), net.v_data(), sizeof(float) * W.size(), cudaMemcpyDeviceToHost,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().unpack(flat.data(), I.mirror.v());
+    std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
+    net.moments_to_host(m.data(), v.data());  // ZeRO-1: gathered, every rank calls
+    W.layout().unpack(m.data(), I.mirror.m());
+    W.layout().unpack(v.data(), I.mirror.v());
     I.mirror.set_steps(net.steps());
   });
 }
@@ -500,17 +601,21 @@ void Trainer<Cfg, Device::cuda>::upload() {
   I.with([&](auto& net) {
     auto& W = net.net().weights();
     W.upload(I.ctx, I.host);
-    std::vector<float> flat(static_cast<size_t>(W.size()));
-    W.layout().pack(std::as_const(I.mirror).m(), flat.data());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.m_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
-    W.layout().pack(std::as_const(I.mirror).v(), flat.data());
-    CLIP_CUDA_CHECK(cudaMemcpyAsync(net.v_data(), flat.data(), sizeof(float) * W.size(), cudaMemcpyHostToDevice,
-                                    I.ctx.stream()));
-    I.ctx.synchronize();
+    std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
+    W.layout().pack(std::as_const(I.mirror).m(), m.data());
+    W.layout().pack(std::as_const(I.mirror).v(), v.data());
+    net.moments_from_host(m.data(), v.data());  // ZeRO-1: this rank's slices
     net.set_steps(I.mirror.steps());
   });
+}
+
+template <Variant Cfg>
+cuda::DeviceStateBytes Trainer<Cfg, Device::cuda>::state_bytes() const {
+  return impl_->with([](auto& net) { return net.state_bytes(); });
+}
+template <Variant Cfg>
+cuda::DeviceStateBytes Trainer<Cfg, Device::cuda>::unsharded_state_bytes() const {
+  return impl_->with([](auto& net) { return net.unsharded_state_bytes(); });
 }
 
 }  // namespace clip

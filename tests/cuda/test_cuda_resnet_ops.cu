@@ -2,6 +2,9 @@
 // fresh random inputs, channel-major [C, B, H, W].
 // fp32: max|got - ref| / max|ref| <= 1e-5. bf16: within twice the error of the CPU computation
 // with its inputs (activations, weights) and S outputs rounded to bf16 (round_to_bf16).
+// Synchronised BatchNorm (kernels/batchnorm_sync.cuh) in one process: a scope of one process
+// computes exactly what no scope computes, and a scope of two whose other rank holds the same
+// batch (its table parts filled in by the test's sum) normalises as the batch doubled.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -9,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,6 +24,7 @@
 #include "cuda/gpu.hpp"
 #include "numeric.hpp"
 #include "kernels/batchnorm.cuh"
+#include "kernels/batchnorm_sync.cuh"
 #include "kernels/context.cuh"
 #include "kernels/conv2d.cuh"
 #include "kernels/device_buffer.cuh"
@@ -280,6 +285,96 @@ void check_batchnorm_in_place() {
   (void)sizeof(Cpu);
 }
 
+// Train-mode forward and backward (ReLU, residual, mask from y) under an optional sync scope;
+// returns y, mean, rstd, running mean, running var, d_x, d_gamma, d_beta, d_residual.
+template <int C, class S>
+Tensors batchnorm_step(const Tensors& t, int64_t batch, int64_t hw, const clip::cuda::BatchNormSyncScope::Sum* sum,
+                       int rank, int world) {
+  using Gpu = clip::cuda::BatchNorm2d<C, S>;
+  auto& ctx = context();
+  const int64_t n = C * batch * hw;
+  auto x = to_device<S>(t[0]), r = to_device<S>(t[1]), dy = to_device<S>(t[2]);
+  auto gamma = to_device<S>(t[3]), beta = to_device<S>(t[4]);
+  auto rm = to_device<float>(t[5]), rv = to_device<float>(t[6]), dg = to_device<float>(t[7]),
+       db = to_device<float>(t[8]);
+  clip::cuda::DeviceBuffer<S> y(n), dx(n), dr(n);
+  clip::cuda::DeviceBuffer<float> mean(C), rstd(C);
+  clip::cuda::DeviceBuffer<double> table(clip::cuda::BatchNormSyncScope::capacity_for(world, C));
+  std::optional<clip::cuda::BatchNormSyncScope> scope;
+  if (sum) scope.emplace(*sum, rank, world, table.data(), table.size());
+  Gpu::forward_train(ctx, y.data(), mean.data(), rstd.data(), x.data(), gamma.data(), beta.data(), rm.data(), rv.data(),
+                     batch, hw, clip::Activation::relu, r.data());
+  Gpu::backward(ctx, dx.data(), dg.data(), db.data(), dy.data(), x.data(), y.data(), mean.data(), rstd.data(),
+                gamma.data(), beta.data(), batch, hw, clip::Activation::relu, dr.data());
+  ctx.synchronize();
+  return {to_host(y), to_host(mean), to_host(rstd), to_host(rm), to_host(rv), to_host(dx), to_host(dg), to_host(db),
+          to_host(dr)};
+}
+
+template <class S>
+void check_batchnorm_sync() {
+  constexpr int C = 6;
+  const int64_t batch = 3, hw = 700;  // rows longer than a block
+  const int64_t n = C * batch * hw;
+  const Tensors t = {random_vector(n, 300, 2.0f, 0.7f), random_vector(n, 301), random_vector(n, 302),
+                     random_vector(C, 303, 0.5f, 1.0f), random_vector(C, 304, 0.5f), random_vector(C, 305, 0.5f),
+                     random_vector(C, 306, 0.2f, 1.5f), random_vector(C, 307), random_vector(C, 308)};
+  const Tensors plain = batchnorm_step<C, S>(t, batch, hw, nullptr, 0, 1);
+  const char* names[] = {"y", "mean", "rstd", "running mean", "running var", "d_x", "d_gamma", "d_beta", "d_residual"};
+
+  // One process: the sum is the identity; every output bit for bit.
+  int calls = 0;
+  const clip::cuda::BatchNormSyncScope::Sum alone = [&](double*, int64_t) { ++calls; };
+  const Tensors one = batchnorm_step<C, S>(t, batch, hw, &alone, 0, 1);
+  BOOST_TEST(calls == 2);  // forward's statistics, backward's sums
+  for (size_t i = 0; i < plain.size(); ++i) BOOST_TEST(rel_err(one[i], plain[i]) == 0.0, "world 1: " << names[i]);
+
+  // Two processes holding the same batch, seen from each rank: the other rank's table slot is a
+  // copy of this rank's (forward), the sums twice this rank's (backward). Mean and variance are
+  // the batch's own (so y, d_x and the shares of d_gamma, d_beta are unchanged, bit for bit); the
+  // running variance is the unbiased one of the doubled batch.
+  for (int rank : {0, 1}) {
+    auto& ctx = context();
+    const clip::cuda::BatchNormSyncScope::Sum twin = [&](double* data, int64_t count) {
+      std::vector<double> h(static_cast<size_t>(count));
+      CLIP_CUDA_CHECK(cudaMemcpyAsync(h.data(), data, sizeof(double) * count, cudaMemcpyDeviceToHost, ctx.stream()));
+      ctx.synchronize();
+      if (count == 2 * 3 * C) std::copy_n(h.begin() + rank * 3 * C, 3 * C, h.begin() + (1 - rank) * 3 * C);
+      else for (double& v : h) v *= 2;
+      CLIP_CUDA_CHECK(cudaMemcpyAsync(data, h.data(), sizeof(double) * count, cudaMemcpyHostToDevice, ctx.stream()));
+      ctx.synchronize();
+    };
+    const Tensors two = batchnorm_step<C, S>(t, batch, hw, &twin, rank, 2);
+    for (size_t i : {0, 1, 2, 3, 5, 6, 7, 8})
+      BOOST_TEST(rel_err(two[i], plain[i]) == 0.0, "world 2, rank " << rank << ": " << names[i]);
+    // The CPU's running variance on the doubled batch [C, 2B, hw], from the same (rounded) x.
+    std::vector<float> x = t[0];
+    if constexpr (!std::is_same_v<S, float>)
+      for (float& v : x) v = clip::round_to_bf16(v);
+    std::vector<float> doubled(static_cast<size_t>(2 * n)), y(static_cast<size_t>(2 * n));
+    for (int c = 0; c < C; ++c)
+      for (int copy = 0; copy < 2; ++copy)
+        std::copy_n(x.begin() + c * batch * hw, batch * hw, doubled.begin() + (2 * c + copy) * batch * hw);
+    typename clip::BatchNorm2d<C>::Params p;
+    std::copy(t[5].begin(), t[5].end(), p.running_mean.data());
+    std::copy(t[6].begin(), t[6].end(), p.running_var.data());
+    std::vector<float> gamma = t[3], beta = t[4];
+    if constexpr (!std::is_same_v<S, float>) {
+      for (float& v : gamma) v = clip::round_to_bf16(v);
+      for (float& v : beta) v = clip::round_to_bf16(v);
+    }
+    std::copy(gamma.begin(), gamma.end(), p.weight.data());
+    std::copy(beta.begin(), beta.end(), p.bias.data());
+    typename clip::BatchNorm2d<C>::Saved saved;
+    const clip::Planes l = clip::Planes::cnhw(2 * batch, hw, 1);
+    clip::BatchNorm2d<C>::forward_train(p, doubled.data(), l, y.data(), l, 2 * batch, hw, clip::Activation::none,
+                                        nullptr, l, &saved);
+    const std::vector<float> want(p.running_var.data(), p.running_var.data() + C);
+    BOOST_TEST(rel_err(two[4], want) <= 1e-6, "world 2, rank " << rank << ": running var");
+    BOOST_TEST(rel_err(two[4], plain[4]) > 0.0, "the running variance must see the doubled count");
+  }
+}
+
 // AvgPool2d forward and backward (assigned and accumulated), odd sizes that floor mode trims.
 template <int K, class S>
 void check_pool(int64_t channels, int64_t batch, int h, int w, bool accumulate, uint32_t seed) {
@@ -330,5 +425,7 @@ BOOST_AUTO_TEST_CASE(batchnorm_bf16) {
   batchnorm_suite<clip::cuda::bf16>();
   check_batchnorm_in_place<clip::cuda::bf16>();
 }
+BOOST_AUTO_TEST_CASE(batchnorm_sync_fp32) { check_batchnorm_sync<float>(); }
+BOOST_AUTO_TEST_CASE(batchnorm_sync_bf16) { check_batchnorm_sync<clip::cuda::bf16>(); }
 BOOST_AUTO_TEST_CASE(avg_pool_fp32) { pool_suite<float>(); }
 BOOST_AUTO_TEST_CASE(avg_pool_bf16) { pool_suite<clip::cuda::bf16>(); }

@@ -2,7 +2,9 @@
 // clip::AdamW in fp32, quiet blocks and clipping included), the global gradient norm, gradient
 // scaling and the temperature clamp, and the contrastive loss (fp32 within 1e-5 of
 // clip::contrastive_loss; bf16 within twice the error of the CPU computation on bf16-rounded
-// features with bf16-rounded outputs).
+// features with bf16-rounded outputs), and the loss by rows (contrastive_loss_rows, the data-parallel
+// rank's share) against the CPU's contrastive_loss_rows for several slices, the shares of a
+// partition summing to the whole batch's loss and gradients.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "clip/core/bf16.hpp"
+#include "clip/dist/communicator.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/train/adamw.hpp"
 #include "clip/train/contrastive_loss.hpp"
@@ -383,6 +386,190 @@ BOOST_AUTO_TEST_CASE(contrastive_loss_is_deterministic_and_flags_zero_features) 
   const GpuLoss bad = gpu_loss<float>(ctx, img, txt, B, 2.0f, 0.5f);
   BOOST_TEST(std::isnan(bad.loss));
   BOOST_TEST(bad.d_scale == 0.5f, "d_logit_scale untouched when a norm is zero");
+}
+
+// ---- Contrastive loss by rows (a data-parallel rank's share) -------------------------------------
+
+struct RowsLoss {
+  double loss_exact = 0;
+  float loss = 0, d_scale = 0;
+  std::vector<float> d_image, d_text, logits;  // [B, E], [B, E], [n, B]
+};
+
+RowsLoss cpu_rows(const std::vector<float>& img, const std::vector<float>& txt, int64_t B, int64_t first, int64_t n,
+                  float logit_scale) {
+  RowsLoss r;
+  r.d_image.resize(B * E);
+  r.d_text.resize(B * E);
+  r.logits.resize(n * B);
+  const clip::ContrastiveLoss l = clip::contrastive_loss_rows<E>(img.data(), txt.data(), B, first, n, logit_scale,
+                                                                 r.d_image.data(), r.d_text.data(), r.logits.data());
+  r.loss_exact = l.loss;
+  r.d_scale = l.d_logit_scale;
+  return r;
+}
+
+// Features stored as S (rounded from img/txt), gradients fp32; d logit_scale added to d_scale_before.
+template <class S>
+RowsLoss gpu_rows(Context& ctx, const std::vector<float>& img, const std::vector<float>& txt, int64_t B, int64_t first,
+                  int64_t n, float logit_scale, float d_scale_before = 0.0f) {
+  clip::cuda::Arena plan = clip::cuda::Arena::planner();
+  clip::cuda::ContrastiveLossRowsScratch<E> sizing(plan, B, n);
+  BOOST_TEST(plan.used() <= clip::cuda::ContrastiveLossRowsScratch<E>::bytes(B, n));
+  clip::cuda::Arena arena(clip::cuda::ContrastiveLossRowsScratch<E>::bytes(B, n));
+  clip::cuda::ContrastiveLossRowsScratch<E> scratch(arena, B, n);
+  std::vector<S> img_s(img.size()), txt_s(txt.size());
+  for (size_t i = 0; i < img.size(); ++i) img_s[i] = clip::cuda::from_float<S>(img[i]), txt_s[i] = clip::cuda::from_float<S>(txt[i]);
+  DeviceBuffer<S> di = to_device(img_s, ctx), dt = to_device(txt_s, ctx);
+  DeviceBuffer<float> gi(B * E), gt(B * E), logits(n * B);
+  DeviceBuffer<float> scale = to_device(std::vector<float>{logit_scale, 0.0f, d_scale_before}, ctx);
+  DeviceBuffer<double> exact(1);
+  clip::cuda::contrastive_loss_rows<E, S>(ctx, scratch, di.data(), dt.data(), B, first, n, scale.data(), gi.data(),
+                                          gt.data(), scale.data() + 1, scale.data() + 2, exact.data(), logits.data());
+  RowsLoss r;
+  const std::vector<float> out = to_host(scale, ctx);
+  r.loss = out[1];
+  r.d_scale = out[2];
+  r.loss_exact = to_host(exact, ctx)[0];
+  r.d_image = to_host(gi, ctx);
+  r.d_text = to_host(gt, ctx);
+  r.logits = to_host(logits, ctx);
+  return r;
+}
+
+// The slices a batch of B is checked with: the whole batch, its first and last row, a middle
+// run, and the ranks' slices of W = 2 and 3.
+std::vector<clip::dist::Slice> slices_of(int64_t B) {
+  std::vector<clip::dist::Slice> out = {{0, B}, {0, 1}, {B - 1, 1}};
+  if (B >= 4) out.push_back({B / 4, B / 2});
+  for (int world : {2, 3})
+    for (int r = 0; r < world; ++r) {
+      const clip::dist::Slice s = clip::dist::batch_slice(B, world, r);
+      if (s.rows > 0) out.push_back(s);
+    }
+  return out;
+}
+
+double relative(double got, double want) { return std::abs(got - want) / std::max(1e-3, std::abs(want)); }
+double relative(const std::vector<float>& got, const std::vector<float>& want) {
+  const double scale = max_abs(want);
+  return scale > 0 ? max_diff(got, want) / scale : max_abs(got);
+}
+
+// fp32 features: each slice's share within 1e-5 of the CPU's (loss, d logit_scale, gradients of
+// every row, the slice's logits); bf16 features: the same against the CPU on the bf16-rounded
+// features (the gradients are fp32 either way, so the arithmetic after the rounding is the same).
+template <class S>
+void rows_match_cpu(const char* what, unsigned seed) {
+  Context ctx;
+  std::mt19937 rng(seed);
+  auto stored = [](std::vector<float> x) {
+    if constexpr (!std::is_same_v<S, float>)
+      for (float& v : x) v = clip::round_to_bf16(v);
+    return x;
+  };
+  double worst = 0;
+  for (int64_t B : batches)
+    for (float ls : scales) {
+      const std::vector<float> img = random_features(rng, B), txt = random_features(rng, B);
+      for (const clip::dist::Slice& sl : slices_of(B)) {
+        const RowsLoss want = cpu_rows(stored(img), stored(txt), B, sl.first, sl.rows, ls);
+        const RowsLoss got = gpu_rows<S>(ctx, img, txt, B, sl.first, sl.rows, ls);
+        const double e_loss = relative(got.loss_exact, want.loss_exact);
+        const double e_scale = relative(double(got.d_scale), double(want.d_scale));
+        const double e_img = relative(got.d_image, want.d_image), e_txt = relative(got.d_text, want.d_text);
+        const double e_logits = max_diff(got.logits, want.logits) / std::exp(double(ls));  // |L| <= s
+        const auto where = [&] {
+          return std::string(what) + " B=" + std::to_string(B) + " rows [" + std::to_string(sl.first) + ", " +
+                 std::to_string(sl.first + sl.rows) + ") logit_scale=" + std::to_string(ls);
+        };
+        BOOST_TEST(e_loss <= 1e-5, where() << ": loss " << got.loss_exact << " vs " << want.loss_exact);
+        BOOST_TEST(std::abs(double(got.loss) - want.loss_exact) <= 1e-6 * std::max(1.0, std::abs(want.loss_exact)),
+                   where() << ": the float loss");
+        BOOST_TEST(e_scale <= 1e-5, where() << ": d_logit_scale " << got.d_scale << " vs " << want.d_scale);
+        if (B == 1) {  // one pair: G = 0, so every gradient is exactly zero
+          BOOST_TEST(max_abs(got.d_image) == 0.0, where());
+          BOOST_TEST(max_abs(got.d_text) == 0.0, where());
+        } else {
+          BOOST_TEST(e_img <= 1e-5, where() << ": d_image");
+          BOOST_TEST(e_txt <= 1e-5, where() << ": d_text");
+        }
+        BOOST_TEST(e_logits <= 1e-5, where() << ": logits");
+        worst = std::max({worst, e_loss, e_scale, e_img, e_txt, e_logits});
+      }
+    }
+  BOOST_TEST_MESSAGE(what << ": contrastive_loss_rows, GPU vs CPU, worst relative error " << worst);
+}
+
+BOOST_AUTO_TEST_CASE(contrastive_loss_rows_fp32_matches_cpu) { rows_match_cpu<float>("fp32", 23); }
+
+BOOST_AUTO_TEST_CASE(contrastive_loss_rows_bf16_features_match_cpu_on_rounded_features) {
+  rows_match_cpu<bf16>("bf16", 29);
+}
+
+// What the data-parallel trainer relies on: the shares of the ranks' slices (W = 3, unequal) sum
+// to the single-matrix GPU loss and to the CPU's whole-batch loss and gradients.
+BOOST_AUTO_TEST_CASE(contrastive_loss_rows_shares_sum_to_the_whole_batch) {
+  Context ctx;
+  std::mt19937 rng(31);
+  const int64_t B = 301;
+  const float ls = 2.6592600f;
+  const std::vector<float> img = random_features(rng, B), txt = random_features(rng, B);
+  const CpuLoss want = cpu_loss(img, txt, B, ls);
+  const GpuLoss whole = gpu_loss<float>(ctx, img, txt, B, ls);
+  double loss = 0, d_scale = 0;
+  std::vector<float> d_img(B * E, 0.0f), d_txt(B * E, 0.0f);
+  for (int r = 0; r < 3; ++r) {
+    const clip::dist::Slice sl = clip::dist::batch_slice(B, 3, r);
+    const RowsLoss part = gpu_rows<float>(ctx, img, txt, B, sl.first, sl.rows, ls);
+    loss += part.loss_exact;
+    d_scale += part.d_scale;
+    for (int64_t i = 0; i < B * E; ++i) d_img[i] += part.d_image[i], d_txt[i] += part.d_text[i];
+  }
+  BOOST_TEST_MESSAGE("W = 3 shares summed vs the CPU's whole batch: loss " << relative(loss, want.loss) << ", d_image "
+                     << relative(d_img, want.d_image) << ", d_text " << relative(d_txt, want.d_text));
+  BOOST_TEST(relative(loss, want.loss) <= 1e-6);
+  BOOST_TEST(relative(loss, whole.loss_exact) <= 1e-6);
+  BOOST_TEST(relative(d_scale, double(want.d_scale)) <= 1e-5);
+  BOOST_TEST(relative(d_img, want.d_image) <= 1e-5);
+  BOOST_TEST(relative(d_txt, want.d_text) <= 1e-5);
+  BOOST_TEST(relative(d_img, whole.d_image) <= 1e-5);
+  BOOST_TEST(relative(d_txt, whole.d_text) <= 1e-5);
+}
+
+BOOST_AUTO_TEST_CASE(contrastive_loss_rows_is_deterministic_and_flags_zero_features) {
+  Context ctx;
+  std::mt19937 rng(37);
+  const int64_t B = 33;
+  std::vector<float> img = random_features(rng, B), txt = random_features(rng, B);
+  const RowsLoss a = gpu_rows<float>(ctx, img, txt, B, 11, 11, 2.0f), b = gpu_rows<float>(ctx, img, txt, B, 11, 11, 2.0f);
+  BOOST_TEST(std::memcmp(&a.loss_exact, &b.loss_exact, sizeof(double)) == 0);
+  BOOST_TEST(std::memcmp(a.d_image.data(), b.d_image.data(), a.d_image.size() * sizeof(float)) == 0);
+  BOOST_TEST(std::memcmp(a.d_text.data(), b.d_text.data(), a.d_text.size() * sizeof(float)) == 0);
+  BOOST_TEST(bits(a.d_scale) == bits(b.d_scale));
+  // d logit_scale is added to its slot (the share, rounded to float, plus what was there).
+  const RowsLoss added = gpu_rows<float>(ctx, img, txt, B, 11, 11, 2.0f, 0.5f);
+  BOOST_TEST(bits(added.d_scale) == bits(0.5f + a.d_scale));
+
+  // A zero row outside the slice still makes the share NaN: every rank sees every row.
+  std::fill(txt.begin() + 30 * E, txt.begin() + 31 * E, 0.0f);
+  const RowsLoss bad = gpu_rows<float>(ctx, img, txt, B, 0, 11, 2.0f, 0.5f);
+  BOOST_TEST(std::isnan(bad.loss));
+  BOOST_TEST(std::isnan(bad.loss_exact));
+  BOOST_TEST(bad.d_scale == 0.5f, "d_logit_scale untouched when a norm is zero");
+
+  // Bad slices and a scratch too small are refused before any launch.
+  clip::cuda::Arena arena(clip::cuda::ContrastiveLossRowsScratch<E>::bytes(B, 4));
+  clip::cuda::ContrastiveLossRowsScratch<E> small(arena, B, 4);
+  DeviceBuffer<float> f(B * E), g(B * E), scale(1);
+  auto call = [&](int64_t batch, int64_t first, int64_t rows) {
+    clip::cuda::contrastive_loss_rows<E, float>(ctx, small, f.data(), f.data(), batch, first, rows, scale.data(),
+                                                g.data(), g.data(), nullptr, nullptr);
+  };
+  BOOST_CHECK_THROW(call(B, 0, 5), clip::Error);       // more rows than the scratch holds
+  BOOST_CHECK_THROW(call(B, 31, 3), clip::Error);      // past the batch
+  BOOST_CHECK_THROW(call(B + 1, 0, 4), clip::Error);   // a batch larger than the scratch's
+  BOOST_CHECK_THROW(call(B, -1, 2), clip::Error);      // not a slice
 }
 
 }  // namespace

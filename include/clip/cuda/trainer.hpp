@@ -10,12 +10,15 @@
 // Data parallel, one process per GPU: given the processes' host communicator (MPI under mpirun),
 // the trainer starts an NCCL communicator through it (kernels/dist/nccl_communicator.cuh) and
 // every rank passes its slice() of the global batch to step(); see kernels/models/cuda_trainer.cuh.
+// With TrainOptions::zero1 the AdamW moments are sharded across the ranks (ZeRO-1): download()
+// gathers them (a collective: every rank calls it) and upload() takes each rank's slices.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 
 #include "clip/config/device.hpp"
+#include "clip/cuda/zero1_plan.hpp"
 #include "clip/dist/communicator.hpp"
 #include "clip/models/clip_model.hpp"
 #include "clip/train/adamw.hpp"
@@ -58,11 +61,17 @@ class Trainer<Cfg, Device::cuda> {
   AdamW<Params>& optimizer();       // host mirror (current after download())
 
   // device -> host: weights, BatchNorm running statistics (num_batches_tracked is counted on the
-  // host already), AdamW m/v and step count, into the host Params and optimizer().
+  // host already), AdamW m/v and step count, into the host Params and optimizer(). Under ZeRO-1 a
+  // collective (the moments are gathered): every rank calls it; download(Params&) never is.
   void download();
   void download(Params& host);      // weights and running statistics only, into another Params
   // host -> device: the reverse of download() (after loading a checkpoint into params()/optimizer()).
   void upload();
+
+  // Device bytes this rank holds for weights, gradients and optimizer state, and what it would
+  // hold without ZeRO-1 (zero1_plan.hpp).
+  cuda::DeviceStateBytes state_bytes() const;
+  cuda::DeviceStateBytes unsharded_state_bytes() const;
 
  private:
   struct Impl;

@@ -6,6 +6,10 @@
 // Gradients are summed, not averaged: each rank's loss term is already its share of the mean
 // over the global batch (train/contrastive_loss.hpp), so the sum is the one-process gradient.
 //
+// Where the buckets fall is decided once, by cut(), for both trainers: the CPU packs each bucket
+// of a Params' tensors into staging (this class), the GPU trainer sums each bucket as one range of
+// its flat gradient buffer (flat_ranges(), kernels/models/cuda_trainer.cuh).
+//
 // start() launches the non-blocking sums and returns at once; finish() waits and unpacks. The
 // trainer starts the image tower's buckets as soon as its backward is done and finishes them
 // after the text tower's backward, so the transfer overlaps that work where the back end
@@ -13,6 +17,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -29,31 +34,91 @@ class GradientBuckets {
  public:
   static constexpr int64_t kBucketFloats = int64_t{1} << 22;  // 16 MiB
 
+  // A bucket: tensors [begin, end) of a sequence, in visit order.
+  struct Cut {
+    size_t begin, end;
+  };
+  // The buckets of tensors of `sizes` floats, in order: consecutive tensors together up to
+  // kBucketFloats; a tensor of at least kBucketFloats alone.
+  static std::vector<Cut> cut(const std::vector<int64_t>& sizes) {
+    std::vector<Cut> cuts;
+    size_t begin = 0;
+    int64_t packed = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      CLIP_CHECK(sizes[i] >= 0, "a tensor of ", sizes[i], " floats cannot be bucketed");
+      if (sizes[i] >= kBucketFloats || packed + sizes[i] > kBucketFloats) {
+        if (i > begin) cuts.push_back({begin, i});
+        begin = i, packed = 0;
+      }
+      packed += sizes[i];
+      if (sizes[i] >= kBucketFloats) {
+        cuts.push_back({i, i + 1});
+        begin = i + 1, packed = 0;
+      }
+    }
+    if (sizes.size() > begin) cuts.push_back({begin, sizes.size()});
+    return cuts;
+  }
+
+  // A tensor's place in a flat buffer; `selected`: summed by this set of buckets (the others are
+  // summed at another time, so no range may cover them).
+  struct FlatTensor {
+    int64_t offset, numel;
+    bool selected;
+  };
+  // [first, first + n) of a flat buffer.
+  struct FlatRange {
+    int64_t first, n;
+  };
+  // The buckets of the selected tensors of a flat buffer, each one range of it: the tensors in
+  // offset order, cut() over the floats each adds to its range (its size and the gap before it:
+  // alignment padding and untrained buffers, whose sums are harmless), a run broken wherever a
+  // tensor that is not selected lies between. `tensors`: every trained tensor of the buffer.
+  static std::vector<FlatRange> flat_ranges(std::vector<FlatTensor> tensors) {
+    std::sort(tensors.begin(), tensors.end(), [](const FlatTensor& x, const FlatTensor& y) { return x.offset < y.offset; });
+    std::vector<FlatRange> ranges;
+    std::vector<const FlatTensor*> run;
+    auto close_run = [&] {
+      std::vector<int64_t> sizes;
+      for (size_t i = 0; i < run.size(); ++i)
+        sizes.push_back(i == 0 ? run[i]->numel : run[i]->offset + run[i]->numel - (run[i - 1]->offset + run[i - 1]->numel));
+      for (const Cut& c : cut(sizes)) {
+        const int64_t first = run[c.begin]->offset, end = run[c.end - 1]->offset + run[c.end - 1]->numel;
+        ranges.push_back({first, end - first});
+      }
+      run.clear();
+    };
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const FlatTensor& t = tensors[i];
+      CLIP_CHECK(t.offset >= 0 && t.numel >= 0, "a tensor at offset ", t.offset, " of ", t.numel, " floats");
+      CLIP_CHECK(i == 0 || t.offset >= tensors[i - 1].offset + tensors[i - 1].numel, "the tensors at offsets ",
+                 tensors[i - 1].offset, " and ", t.offset, " of the flat buffer overlap");
+      if (!t.selected) close_run();
+      else if (t.numel > 0) run.push_back(&t);
+    }
+    close_run();
+    return ranges;
+  }
+
   // The trained tensors of `grads` whose names `select` accepts.
   template <class Params>
   GradientBuckets(Params& grads, const std::function<bool(const std::string&)>& select) {
-    Bucket packed;
-    auto close_packed = [&] {
-      if (packed.parts.empty()) return;
-      buckets_.push_back(std::move(packed));
-      packed = Bucket{};
-    };
+    std::vector<Part> parts;
     for_each_tensor(grads, [&](const std::string& name, auto& t, Role role) {
       using T = std::remove_cvref_t<decltype(t)>;
-      if constexpr (!is_counter_v<T>) {
-        if (role != Role::parameter || !select(name)) return;
-        if (T::numel >= kBucketFloats) {
-          buckets_.push_back(Bucket{{{t.data(), T::numel}}, {}, T::numel, true});
-          return;
-        }
-        if (packed.floats + T::numel > kBucketFloats) close_packed();
-        packed.parts.push_back({t.data(), T::numel});
-        packed.floats += T::numel;
-      }
+      if constexpr (!is_counter_v<T>)
+        if (role == Role::parameter && select(name)) parts.push_back({t.data(), T::numel});
     });
-    close_packed();
-    for (Bucket& b : buckets_)
+    std::vector<int64_t> sizes;
+    for (const Part& p : parts) sizes.push_back(p.n);
+    for (const Cut& c : cut(sizes)) {
+      Bucket b;
+      b.parts.assign(parts.begin() + static_cast<std::ptrdiff_t>(c.begin), parts.begin() + static_cast<std::ptrdiff_t>(c.end));
+      for (const Part& p : b.parts) b.floats += p.n;
+      b.in_place = b.parts.size() == 1 && b.floats >= kBucketFloats;
       if (!b.in_place) b.staging.resize(static_cast<size_t>(b.floats));
+      buckets_.push_back(std::move(b));
+    }
   }
 
   // Packs and launches every bucket's sum.

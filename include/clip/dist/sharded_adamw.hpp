@@ -1,9 +1,9 @@
 // ZeRO stage 1 (Rajbhandari et al. 2020): AdamW with its moments sharded across the ranks.
 //
 // The trained tensors, in visit order, form one flat sequence of P floats, cut into buckets of
-// kBucketFloats; each bucket is split across the W ranks (dist::batch_slice), and a rank keeps
-// the moments (m, v) and the summed gradients of its slices only: 3P/W floats instead of the
-// 2P of the moments alone. A step:
+// kBucketFloats; each bucket is split across the W ranks (shard_plan.hpp, the cut the GPU
+// trainer shares), and a rank keeps the moments (m, v) and the summed gradients of its slices
+// only: 3P/W floats instead of the 2P of the moments alone. A step:
 //   1. per bucket, reduce-scatter of the gradients: each rank gets the sum over ranks of its slice;
 //   2. the global gradient norm from every rank's slices (one all-reduce of a double);
 //   3. AdamW on the rank's slices, with the element arithmetic of AdamW::step (adamw.hpp), so
@@ -23,6 +23,7 @@
 
 #include "clip/core/error.hpp"
 #include "clip/dist/communicator.hpp"
+#include "clip/dist/shard_plan.hpp"
 #include "clip/tensor/param.hpp"
 #include "clip/train/adamw.hpp"
 
@@ -31,32 +32,28 @@ namespace clip::dist {
 template <class Params>
 class ShardedAdamW {
  public:
-  static constexpr int64_t kBucketFloats = int64_t{1} << 22;  // 16 MiB of the flat sequence
+  static constexpr int64_t kBucketFloats = kShardBucketFloats;  // 16 MiB of the flat sequence
 
   ShardedAdamW(const Params& like, AdamWOptions options, Communicator& comm) : options_(options), comm_(comm) {
     CLIP_CHECK(options.beta1 >= 0 && options.beta1 < 1 && options.beta2 >= 0 && options.beta2 < 1,
                "AdamW needs betas in [0, 1), got beta1 ", options.beta1, " and beta2 ", options.beta2);
     CLIP_CHECK(options.eps > 0, "AdamW needs a positive eps, got ", options.eps);
+    std::vector<int64_t> numels;
     for_each_tensor(like, [&](const std::string& name, const auto& t, Role role) {
       using T = std::remove_cvref_t<decltype(t)>;
       if constexpr (!is_counter_v<T>) {
         if (role != Role::parameter) return;
         tensors_.push_back({total_, T::numel, AdamW<Params>::decays(name, T::rank)});
+        numels.push_back(T::numel);
         total_ += T::numel;
       }
     });
-    // Buckets, this rank's slice of each, and the tensor pieces the slices cover.
-    for (int64_t b0 = 0; b0 < total_; b0 += kBucketFloats) {
-      const int64_t size = std::min(kBucketFloats, total_ - b0);
-      const Slice own = batch_slice(size, comm_.size(), comm_.rank());
-      buckets_.push_back({b0, size, owned_, own});
-      for (size_t t = 0; t < tensors_.size(); ++t) {
-        const int64_t lo = std::max(tensors_[t].offset, b0 + own.first);
-        const int64_t hi = std::min(tensors_[t].offset + tensors_[t].numel, b0 + own.first + own.rows);
-        if (lo < hi) pieces_.push_back({static_cast<int>(t), lo - tensors_[t].offset, hi - lo, owned_ + lo - b0 - own.first});
-      }
-      owned_ += own.rows;
-    }
+    // Buckets, this rank's slice of each, and the tensor pieces the slices cover: the cut the
+    // GPU trainer shares (shard_plan.hpp).
+    const ShardPlan plan = shard_plan(numels, comm_.size(), comm_.rank(), kBucketFloats);
+    buckets_ = plan.buckets;
+    pieces_ = plan.pieces;
+    owned_ = plan.owned;
     g_.assign(static_cast<size_t>(owned_), 0.0f);
     m_.assign(static_cast<size_t>(owned_), 0.0f);
     v_.assign(static_cast<size_t>(owned_), 0.0f);
@@ -89,8 +86,8 @@ class ShardedAdamW {
     without_decay.decay = 1.0f;
     for (const Piece& k : pieces_) {
       const AdamWScalars& s = tensors_[k.tensor].decays ? with_decay : without_decay;
-      detail::adamw_update(p[k.tensor] + k.begin, g_.data() + k.owned_at, m_.data() + k.owned_at,
-                           v_.data() + k.owned_at, k.n, s);
+      detail::adamw_update(p[k.tensor] + k.begin, g_.data() + k.at, m_.data() + k.at,
+                           v_.data() + k.at, k.n, s);
     }
     all_gather(p, /*from=*/nullptr);
   }
@@ -108,8 +105,8 @@ class ShardedAdamW {
   void scatter(const AdamW<Params>& full) {
     const std::vector<float*> m = pointers(const_cast<Params&>(full.m())), v = pointers(const_cast<Params&>(full.v()));
     for (const Piece& k : pieces_) {
-      std::copy_n(m[k.tensor] + k.begin, k.n, m_.data() + k.owned_at);
-      std::copy_n(v[k.tensor] + k.begin, k.n, v_.data() + k.owned_at);
+      std::copy_n(m[k.tensor] + k.begin, k.n, m_.data() + k.at);
+      std::copy_n(v[k.tensor] + k.begin, k.n, v_.data() + k.at);
     }
     steps_ = full.steps();
   }
@@ -125,16 +122,8 @@ class ShardedAdamW {
     int64_t offset, numel;
     bool decays;
   };
-  struct Bucket {
-    int64_t first, size;  // in the flat sequence
-    int64_t owned_at;     // where this rank's slice starts in g_, m_, v_
-    Slice own;            // this rank's slice, within the bucket
-  };
-  struct Piece {          // a run of one tensor inside this rank's slices
-    int tensor;
-    int64_t begin, n;     // within the tensor
-    int64_t owned_at;     // within g_, m_, v_
-  };
+  using Bucket = ShardPlan::Bucket;
+  using Piece = ShardPlan::Piece;  // at: within g_, m_, v_
 
   AdamWOptions options_;
   Communicator& comm_;

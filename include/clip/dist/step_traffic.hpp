@@ -8,6 +8,10 @@
 // ZeRO-1 (AdamW moments sharded) moves the same bytes as the all-reduce, as a reduce-scatter of
 // the gradients and an all-gather of the updated weights, and keeps 2P/W moment floats per rank
 // instead of 2P.
+//
+// logits_per_rank() is the one statement of the logits a rank forms per step, [n, B] with n its
+// rows (both trainers' loss by rows; without processes to share with, n = B): clip-train prints
+// it, the GPU trainer sizes its loss's scratch by it.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +27,17 @@ struct StepTraffic {
   double moment_bytes = 0;          // AdamW moments held per rank, unsharded
   double sharded_moment_bytes = 0;  // the same with ZeRO-1
 };
+
+// A rank's logits: its rows of the global batch against all of the batch's columns (in each
+// direction, image rows against texts and text rows against images).
+struct LogitShape {
+  int64_t rows = 0;
+  int64_t columns = 0;
+};
+
+inline LogitShape logits_per_rank(int64_t batch, int world, int rank) {
+  return {batch_slice(batch, world, rank).rows, batch};
+}
 
 inline StepTraffic step_traffic(int64_t parameters, int embed_dim, int64_t batch, int world, int rank = 0) {
   const double f = sizeof(float), B = double(batch), E = double(embed_dim), P = double(parameters);

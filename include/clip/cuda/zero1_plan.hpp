@@ -1,0 +1,123 @@
+// ZeRO-1 on the GPU, its host-side arithmetic (g++-compilable; the device side is
+// kernels/dist/sharded_adamw.cuh): the CPU's cut (dist::shard_plan) laid over the GPU trainer's
+// flat buffers, where the trained tensors sit at their layout offsets with BatchNorm buffers
+// between them, and the device memory a rank holds with and without ZeRO-1.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "clip/core/error.hpp"
+#include "clip/dist/shard_plan.hpp"
+#include "clip/train/adamw_math.hpp"
+
+namespace clip::cuda {
+
+struct Zero1Plan {
+  dist::ShardPlan shard;                // the cut of the flat sequence of trained tensors
+  std::vector<int64_t> layout_offsets;  // each trained tensor's offset in the device buffers
+  std::vector<bool> decays;
+
+  // A contiguous run to copy: `n` floats at `at` (within a flat range or the owned floats) and
+  // at `layout` in the device buffers.
+  struct Run {
+    int64_t at, layout, n;
+  };
+
+  // The device-buffer runs of the flat range [first, first + n).
+  std::vector<Run> runs(int64_t first, int64_t n) const {
+    std::vector<Run> out;
+    for (const dist::ShardPlan::Piece& k : shard.pieces_of(first, n)) add(out, {k.at, layout_offsets[k.tensor] + k.begin, k.n});
+    return out;
+  }
+  // The device-buffer runs of this rank's owned floats (at: within them).
+  std::vector<Run> owned_runs() const {
+    std::vector<Run> out;
+    for (const dist::ShardPlan::Piece& k : shard.pieces) add(out, {k.at, layout_offsets[k.tensor] + k.begin, k.n});
+    return out;
+  }
+  // This rank's pieces as tensors of the owned buffers (the multi-tensor table of the AdamW and
+  // norm kernels over the shard).
+  std::vector<TensorSlice> owned_slices() const {
+    std::vector<TensorSlice> out;
+    for (const dist::ShardPlan::Piece& k : shard.pieces) out.push_back({k.at, k.n, decays[k.tensor]});
+    return out;
+  }
+  // Per chunk of the owned slices' chunk table: layout offset - owned offset (a chunk lies in
+  // one piece, so one shift serves all its elements).
+  std::vector<int64_t> chunk_shifts(const std::vector<TensorChunk>& chunks) const {
+    std::vector<int64_t> out;
+    out.reserve(chunks.size());
+    const auto& pieces = shard.pieces;  // in increasing `at`
+    for (const TensorChunk& c : chunks) {
+      auto k = std::upper_bound(pieces.begin(), pieces.end(), c.offset,
+                                [](int64_t at, const dist::ShardPlan::Piece& p) { return at < p.at; });
+      CLIP_CHECK(k != pieces.begin() && c.offset + c.length <= (k - 1)->at + (k - 1)->n,
+                 "a chunk of the ZeRO-1 table at ", c.offset, " is not inside one piece of the shard");
+      --k;
+      out.push_back(layout_offsets[k->tensor] + k->begin - k->at);
+    }
+    return out;
+  }
+  // Where this rank holds the element at `layout` (a trained tensor's element) among its owned
+  // floats, or -1 when another rank does.
+  int64_t owned_position(int64_t layout) const {
+    for (const dist::ShardPlan::Piece& k : shard.pieces) {
+      const int64_t lo = layout_offsets[k.tensor] + k.begin;
+      if (layout >= lo && layout < lo + k.n) return k.at + (layout - lo);
+    }
+    return -1;
+  }
+
+ private:
+  static void add(std::vector<Run>& out, Run r) {  // adjacent runs merge (one copy instead of two)
+    if (!out.empty() && out.back().at + out.back().n == r.at && out.back().layout + out.back().n == r.layout)
+      out.back().n += r.n;
+    else
+      out.push_back(r);
+  }
+};
+
+// `trained`: every trained tensor's (layout offset, numel, decay) in visit order.
+inline Zero1Plan zero1_plan(const std::vector<TensorSlice>& trained, int world, int rank,
+                            int64_t bucket_floats = dist::kShardBucketFloats) {
+  Zero1Plan p;
+  std::vector<int64_t> numels;
+  for (const TensorSlice& t : trained) {
+    numels.push_back(t.numel);
+    p.layout_offsets.push_back(t.offset);
+    p.decays.push_back(t.decay);
+  }
+  p.shard = dist::shard_plan(numels, world, rank, bucket_floats);
+  return p;
+}
+
+// The GPU trainer's per-rank device memory for weights and optimizer, in bytes. Every buffer is
+// over the flat layout (`flat` floats, BatchNorm buffers included) except ZeRO-1's: its moments
+// and summed gradients cover the rank's `owned` floats, plus one bucket of staging for the
+// collectives. The fp32 master weights stay whole on every rank: in fp32 they are the weights
+// the kernels read, and in bf16 the loss and the BatchNorms read them (logit_scale, running
+// statistics); AdamW writes the rank's shard of them and the all-gather the rest.
+struct DeviceStateBytes {
+  int64_t master = 0, compute = 0, gradients = 0, moments = 0, shard_gradients = 0, staging = 0;
+  int64_t total() const { return master + compute + gradients + moments + shard_gradients + staging; }
+};
+
+// `owned` < 0: without ZeRO-1.
+inline DeviceStateBytes device_state_bytes(int64_t flat, bool bf16_copy, int64_t owned = -1, int64_t staging = 0) {
+  DeviceStateBytes b;
+  b.master = 4 * flat;
+  b.compute = bf16_copy ? 2 * flat : 0;
+  b.gradients = 4 * flat;
+  if (owned < 0) {
+    b.moments = 8 * flat;
+  } else {
+    b.moments = 8 * owned;
+    b.shard_gradients = 4 * owned;
+    b.staging = 4 * staging;
+  }
+  return b;
+}
+
+}  // namespace clip::cuda

@@ -1,0 +1,176 @@
+// ZeRO-1 on the GPU: the CPU's dist::ShardedAdamW (include/clip/dist/sharded_adamw.hpp) for the
+// GPU trainer's flat device buffers, with the CPU's cut (dist::shard_plan, laid over the device
+// layout by cuda::zero1_plan, include/clip/cuda/zero1_plan.hpp). A rank keeps the moments m, v and
+// the summed gradients of its owned floats only. A step:
+//   1. per bucket, the bucket's gradient runs copied into one staging bucket (the trained tensors
+//      are not contiguous in the layout: BatchNorm buffers sit between them) and reduce-scattered:
+//      each rank gets the sum over ranks of its slice; the whole gradient buffer is zeroed;
+//   2. the global gradient norm: each rank's sum of squares over its slices, summed over the
+//      ranks (all-reduce of one device double), one square root: the norm of the whole summed
+//      gradient, as one process defines it;
+//   3. AdamW on the rank's slices with adamw_element (the CPU's arithmetic), writing the master
+//      weights of its slices in place (each chunk's layout shift), then logit_scale's clamp where
+//      this rank owns it;
+//   4. per bucket, all-gather of the updated master weights; the caller rebuilds the bf16 copy.
+// Checkpoints: gather() assembles the whole moments into host layout buffers (collective),
+// scatter() takes this rank's slices from them.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "clip/core/error.hpp"
+#include "clip/cuda/zero1_plan.hpp"
+#include "clip/dist/communicator.hpp"
+#include "clip/train/adamw_math.hpp"
+#include "kernels/adamw.cuh"
+#include "kernels/check.cuh"
+#include "kernels/context.cuh"
+#include "kernels/device_buffer.cuh"
+#include "kernels/grad_norm.cuh"
+
+namespace clip::cuda {
+
+namespace detail {
+
+// adamw_kernel over the owned floats: g, m, v at the chunk's offset, the master weight `shift`
+// further (its place in the layout).
+static __global__ void __launch_bounds__(kAdamWThreads)
+    sharded_adamw_kernel(const clip::TensorChunk* __restrict__ chunks, const int64_t* __restrict__ shifts,
+                         float* __restrict__ p, float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                         clip::AdamWScalars s) {
+  const clip::TensorChunk c = chunks[blockIdx.x];
+  if (!c.decay) s.decay = 1.0f;
+  float* const pc = p + c.offset + shifts[blockIdx.x];
+  float* const gc = g + c.offset;
+  float* const mc = m + c.offset;
+  float* const vc = v + c.offset;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < c.length; i += kAdamWThreads) {
+    float pi = pc[i], gi = gc[i], mi = mc[i], vi = vc[i];
+    clip::adamw_element(pi, gi, mi, vi, s);
+    gc[i] = gi;
+    mc[i] = mi;
+    vc[i] = vi;
+    pc[i] = pi;
+  }
+}
+
+}  // namespace detail
+
+class ShardedAdamW {
+ public:
+  // `plan`: zero1_plan of the trained tensors for comm's rank and size; `flat`: the layout's
+  // size; `comm`: a device communicator whose compute stream is ctx's; it must outlive this.
+  ShardedAdamW(Context& ctx, Zero1Plan plan, int64_t flat, dist::Communicator& comm)
+      : ctx_(ctx), plan_(std::move(plan)), flat_(flat), comm_(comm), g_(plan_.shard.owned), m_(plan_.shard.owned),
+        v_(plan_.shard.owned), staging_(plan_.shard.largest_bucket()),
+        table_(ctx, plan_.owned_slices(), plan_.shard.owned), owned_runs_(plan_.owned_runs()) {
+    CLIP_CHECK(plan_.shard.world == comm.size() && plan_.shard.rank == comm.rank(), "the ZeRO-1 plan is for rank ",
+               plan_.shard.rank, " of ", plan_.shard.world, ", the communicator's rank ", comm.rank(), " of ",
+               comm.size());
+    for (const Zero1Plan::Run& r : owned_runs_)
+      CLIP_CHECK(r.layout >= 0 && r.layout + r.n <= flat_, "a ZeRO-1 shard run lies outside the device buffers");
+    const std::vector<int64_t> shifts = plan_.chunk_shifts(table_.host_chunks());
+    shifts_ = DeviceBuffer<int64_t>(static_cast<int64_t>(shifts.size()));
+    shifts_.upload(shifts.data(), static_cast<int64_t>(shifts.size()), ctx.stream());
+    for (const dist::ShardPlan::Bucket& b : plan_.shard.buckets) {
+      bucket_runs_.push_back(plan_.runs(b.first, b.size));
+      own_runs_.push_back(plan_.runs(b.first + b.own.first, b.own.rows));
+      counts_.push_back(dist::slice_counts(b.size, comm.size()));
+    }
+    g_.zero(ctx.stream());
+    m_.zero(ctx.stream());
+    v_.zero(ctx.stream());
+    ctx.synchronize();  // the shifts' host vector goes out of scope
+  }
+
+  // 1 and 2: the ranks' gradients (`grad`, the layout's fp32 gradients, zeroed here) summed into
+  // this rank's slices; *norm (a device double) = the global gradient norm, the same on every rank.
+  void reduce(float* grad, double* norm) {
+    for (size_t i = 0; i < plan_.shard.buckets.size(); ++i) {
+      const dist::ShardPlan::Bucket& b = plan_.shard.buckets[i];
+      for (const Zero1Plan::Run& r : bucket_runs_[i]) copy(staging_.data() + r.at, grad + r.layout, r.n);
+      comm_.reduce_scatter_sum(staging_.data(), g_.data() + b.owned_at, counts_[i]);
+    }
+    CLIP_CUDA_CHECK(cudaMemsetAsync(grad, 0, sizeof(float) * flat_, ctx_.stream()));
+    gradient_sum_squares(ctx_, table_, g_.data(), norm);
+    comm_.all_reduce_sum(norm, 1);
+    square_root(ctx_, norm);
+  }
+
+  // 3 and 4: AdamW with the scalars `s` (clip::adamw_scalars, the decay group's) on this rank's
+  // slices of `master` (the layout's fp32 weights), logit_scale (at `logit_scale`, its layout
+  // offset) clamped where this rank holds it, then every rank's slices gathered into `master`.
+  void update(float* master, const clip::AdamWScalars& s, int64_t logit_scale) {
+    if (table_.count() > 0) {
+      detail::sharded_adamw_kernel<<<static_cast<unsigned>(table_.count()), detail::kAdamWThreads, 0, ctx_.stream()>>>(
+          table_.chunks(), shifts_.data(), master, g_.data(), m_.data(), v_.data(), s);
+      CLIP_CUDA_CHECK(cudaGetLastError());
+    }
+    if (plan_.owned_position(logit_scale) >= 0) clamp_logit_scale<float>(ctx_, master + logit_scale, nullptr);
+    for (size_t i = 0; i < plan_.shard.buckets.size(); ++i) {
+      for (const Zero1Plan::Run& r : own_runs_[i]) copy(staging_.data() + plan_.shard.buckets[i].own.first + r.at, master + r.layout, r.n);
+      comm_.all_gather(staging_.data(), counts_[i]);
+      for (const Zero1Plan::Run& r : bucket_runs_[i]) copy(master + r.layout, staging_.data() + r.at, r.n);
+    }
+  }
+
+  // The whole moments into host buffers of the layout's size (every rank must call; each gets
+  // them). Elements no trained tensor covers are left as they are.
+  void gather(float* m, float* v) {
+    gather_into(m_, m);
+    gather_into(v_, v);
+  }
+
+  // This rank's slices of the moments from host buffers of the layout's size (every rank holds
+  // the whole state, as loaded from a checkpoint).
+  void scatter(const float* m, const float* v) {
+    scatter_from(m, m_);
+    scatter_from(v, v_);
+  }
+
+  const Zero1Plan& plan() const { return plan_; }
+
+ private:
+  Context& ctx_;
+  Zero1Plan plan_;
+  int64_t flat_;
+  dist::Communicator& comm_;
+  DeviceBuffer<float> g_, m_, v_;  // this rank's owned floats
+  DeviceBuffer<float> staging_;    // one bucket of the flat sequence
+  MultiTensorTable table_;         // the owned floats as tensors (AdamW, the norm)
+  DeviceBuffer<int64_t> shifts_;   // per chunk of table_: layout offset - owned offset
+  std::vector<Zero1Plan::Run> owned_runs_;               // owned floats <-> layout
+  std::vector<std::vector<Zero1Plan::Run>> bucket_runs_;  // per bucket: staging <-> layout
+  std::vector<std::vector<Zero1Plan::Run>> own_runs_;     // per bucket: its own slice's runs (at: within the slice)
+  std::vector<std::vector<int64_t>> counts_;              // per bucket: the ranks' slice sizes
+
+  void copy(float* to, const float* from, int64_t n) {
+    CLIP_CUDA_CHECK(cudaMemcpyAsync(to, from, sizeof(float) * n, cudaMemcpyDeviceToDevice, ctx_.stream()));
+  }
+
+  void gather_into(const DeviceBuffer<float>& owned, float* host) {
+    std::vector<float> bucket(static_cast<size_t>(plan_.shard.largest_bucket()));
+    for (size_t i = 0; i < plan_.shard.buckets.size(); ++i) {
+      const dist::ShardPlan::Bucket& b = plan_.shard.buckets[i];
+      copy(staging_.data() + b.own.first, owned.data() + b.owned_at, b.own.rows);
+      comm_.all_gather(staging_.data(), counts_[i]);
+      staging_.download(bucket.data(), b.size, ctx_.stream());
+      for (const Zero1Plan::Run& r : bucket_runs_[i]) std::copy_n(bucket.data() + r.at, r.n, host + r.layout);
+    }
+  }
+
+  void scatter_from(const float* host, DeviceBuffer<float>& owned) {
+    std::vector<float> mine(static_cast<size_t>(plan_.shard.owned));
+    for (const Zero1Plan::Run& r : owned_runs_) std::copy_n(host + r.layout, r.n, mine.data() + r.at);
+    owned.upload(mine.data(), plan_.shard.owned, ctx_.stream());
+    ctx_.synchronize();
+  }
+};
+
+}  // namespace clip::cuda
