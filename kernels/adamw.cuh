@@ -77,14 +77,15 @@ inline constexpr int kAdamWThreads = 256;
 // One block per chunk; threads stride through it, so each warp reads and writes 128 contiguous
 // bytes of each array per iteration (coalesced). The chunk's decay group picks the decay factor
 // (1 for the no-decay group, as AdamW::step's without_decay). `compute` may alias `p` (S = float)
-// or be null, so p is not __restrict__.
+// or be null, so p is not __restrict__. `shifts` (null: none) puts chunk i's master weights
+// shifts[i] floats after its g, m, v (ZeRO-1: a shard's packed moments, its weights in place).
 template <class S>
 __global__ void __launch_bounds__(kAdamWThreads)
     adamw_kernel(const clip::TensorChunk* __restrict__ chunks, float* p, float* __restrict__ g, float* __restrict__ m,
-                 float* __restrict__ v, S* compute, clip::AdamWScalars s) {
+                 float* __restrict__ v, S* compute, clip::AdamWScalars s, const int64_t* __restrict__ shifts = nullptr) {
   const clip::TensorChunk c = chunks[blockIdx.x];
   if (!c.decay) s.decay = 1.0f;
-  float* const pc = p + c.offset;
+  float* const pc = p + c.offset + (shifts ? shifts[blockIdx.x] : 0);
   float* const gc = g + c.offset;
   float* const mc = m + c.offset;
   float* const vc = v + c.offset;

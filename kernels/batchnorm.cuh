@@ -63,6 +63,32 @@ __global__ void eval_kernel(S* y, const S* x, const S* gamma, const S* beta, con
   }
 }
 
+// The end of train mode for channel c of one block, once its batch statistics are known (mean
+// m, squared deviations m2 over n values): the saved mean and invstd, the running statistics
+// (unbiased variance), then y = act(bn(x) [+ r]).
+template <class S>
+__device__ void apply_train_statistics(int c, double m, double m2, double n, S* y, float* save_mean, float* save_rstd,
+                                       const S* x, const S* gamma, const S* beta, float* running_mean,
+                                       float* running_var, int64_t count, bool relu, const S* residual, bool update) {
+  const int64_t row = int64_t{c} * count;
+  const float mean = static_cast<float>(m), var = static_cast<float>(m2 / n);
+  const float inv = bn_math::invstd(var);
+  if (threadIdx.x == 0) {
+    save_mean[c] = mean;
+    save_rstd[c] = inv;
+    if (update) {
+      running_mean[c] = bn_math::running_update(running_mean[c], mean);
+      running_var[c] = bn_math::running_update(running_var[c], static_cast<float>(m2 / (n - 1)));
+    }
+  }
+  const bn_math::Affine f = bn_math::affine(to_float(gamma[c]), to_float(beta[c]), mean, inv);
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const float v = to_float(x[row + i]);
+    y[row + i] = from_float<S>(residual ? bn_math::apply_residual(v, f, to_float(residual[row + i]), relu)
+                                        : bn_math::apply(v, f, relu));
+  }
+}
+
 // Train: one block per channel. Batch mean and biased variance (two passes, in double), saved
 // mean / invstd, running statistics (unbiased variance), then y = act(bn(x) [+ r]).
 template <class S>
@@ -81,22 +107,8 @@ __global__ void train_kernel(S* y, float* save_mean, float* save_rstd, const S* 
     sq += d * d;
   }
   sq = block_sum(sq, shared);
-  const float mean = static_cast<float>(m), var = static_cast<float>(sq / double(count));
-  const float inv = bn_math::invstd(var);
-  if (threadIdx.x == 0) {
-    save_mean[c] = mean;
-    save_rstd[c] = inv;
-    if (update) {
-      running_mean[c] = bn_math::running_update(running_mean[c], mean);
-      running_var[c] = bn_math::running_update(running_var[c], static_cast<float>(sq / double(count - 1)));
-    }
-  }
-  const bn_math::Affine f = bn_math::affine(to_float(gamma[c]), to_float(beta[c]), mean, inv);
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const float v = to_float(x[row + i]);
-    y[row + i] = from_float<S>(residual ? bn_math::apply_residual(v, f, to_float(residual[row + i]), relu)
-                                        : bn_math::apply(v, f, relu));
-  }
+  apply_train_statistics(c, m, sq, double(count), y, save_mean, save_rstd, x, gamma, beta, running_mean, running_var,
+                         count, relu, residual, update);
 }
 
 // Backward: one block per channel. g = masked d_y; d_beta += Σ g, d_gamma += invstd Σ g (x - mean);
@@ -176,7 +188,6 @@ __global__ void merged_train_kernel(S* y, float* save_mean, float* save_rstd, co
                                     const S* x, const S* gamma, const S* beta, float* running_mean, float* running_var,
                                     int64_t count, bool relu, const S* residual, bool update) {
   const int c = blockIdx.x;
-  const int64_t row = int64_t{c} * count;
   double n = 0, m = 0, m2 = 0;
   for (int r = 0; r < world; ++r) {
     const double* part = table + int64_t{r} * 3 * C;
@@ -184,22 +195,8 @@ __global__ void merged_train_kernel(S* y, float* save_mean, float* save_rstd, co
     if (n == 0) n = part[c], m = part[C + c], m2 = part[2 * C + c];
     else merge_part(n, m, m2, part[c], part[C + c], part[2 * C + c]);
   }
-  const float mean = static_cast<float>(m), var = static_cast<float>(m2 / n);
-  const float inv = bn_math::invstd(var);
-  if (threadIdx.x == 0) {
-    save_mean[c] = mean;
-    save_rstd[c] = inv;
-    if (update) {
-      running_mean[c] = bn_math::running_update(running_mean[c], mean);
-      running_var[c] = bn_math::running_update(running_var[c], static_cast<float>(m2 / (n - 1)));
-    }
-  }
-  const bn_math::Affine f = bn_math::affine(to_float(gamma[c]), to_float(beta[c]), mean, inv);
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const float v = to_float(x[row + i]);
-    y[row + i] = from_float<S>(residual ? bn_math::apply_residual(v, f, to_float(residual[row + i]), relu)
-                                        : bn_math::apply(v, f, relu));
-  }
+  apply_train_statistics(c, m, m2, n, y, save_mean, save_rstd, x, gamma, beta, running_mean, running_var, count,
+                         relu, residual, update);
 }
 
 // --sync-bn, backward step 1: backward_kernel's sums (d_beta, d_gamma += this rank's share) into

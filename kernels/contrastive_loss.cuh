@@ -243,6 +243,22 @@ static __global__ void __launch_bounds__(kColumns* kColumnRows)
   }
 }
 
+// The end of both finish kernels: this block's threads' partial loss terms `l`, d logit_scale
+// terms `d` and bad-norm flags reduced, the loss (NaN when a norm was zero or not finite) and
+// d logit_scale written by thread 0.
+static __device__ void write_loss(double l, double d, int bad, int64_t B, float* __restrict__ loss,
+                                  double* __restrict__ loss_exact, float* __restrict__ d_logit_scale) {
+  l = block_all_reduce<kLossThreads>(l, Plus{});
+  d = block_all_reduce<kLossThreads>(d, Plus{});
+  bad = block_all_reduce<kLossThreads>(bad, Plus{});
+  if (threadIdx.x == 0) {
+    const double value = bad ? static_cast<double>(NAN) : l / static_cast<double>(2 * B);
+    if (loss) *loss = static_cast<float>(value);
+    if (loss_exact) *loss_exact = value;
+    if (!bad && d_logit_scale) *d_logit_scale += static_cast<float>(d);
+  }
+}
+
 // One block: the loss and d logit_scale.
 static __global__ void __launch_bounds__(kLossThreads)
     finish_loss_kernel(const double* __restrict__ row_loss, const double* __restrict__ col_loss,
@@ -256,15 +272,7 @@ static __global__ void __launch_bounds__(kLossThreads)
     d += col_dscale[i];
     bad |= !(norm_a[i] > 0.0f && isfinite(norm_a[i]) && norm_b[i] > 0.0f && isfinite(norm_b[i]));
   }
-  l = block_all_reduce<kLossThreads>(l, Plus{});
-  d = block_all_reduce<kLossThreads>(d, Plus{});
-  bad = block_all_reduce<kLossThreads>(bad, Plus{});
-  if (threadIdx.x == 0) {
-    const double value = bad ? static_cast<double>(NAN) : l / static_cast<double>(2 * B);
-    if (loss) *loss = static_cast<float>(value);
-    if (loss_exact) *loss_exact = value;
-    if (!bad && d_logit_scale) *d_logit_scale += static_cast<float>(d);
-  }
+  write_loss(l, d, bad, B, loss, loss_exact, d_logit_scale);
 }
 
 // grid (B, 2): the gradient of row blockIdx.x of the image (y = 0) or text (y = 1) features
@@ -351,15 +359,7 @@ static __global__ void __launch_bounds__(kLossThreads)
   }
   for (int64_t i = threadIdx.x; i < B; i += kLossThreads)
     bad |= !(norm_a[i] > 0.0f && isfinite(norm_a[i]) && norm_b[i] > 0.0f && isfinite(norm_b[i]));
-  l = block_all_reduce<kLossThreads>(l, Plus{});
-  d = block_all_reduce<kLossThreads>(d, Plus{});
-  bad = block_all_reduce<kLossThreads>(bad, Plus{});
-  if (threadIdx.x == 0) {
-    const double value = bad ? static_cast<double>(NAN) : l / static_cast<double>(2 * B);
-    if (loss) *loss = static_cast<float>(value);
-    if (loss_exact) *loss_exact = value;
-    if (!bad && d_logit_scale) *d_logit_scale += static_cast<float>(d);
-  }
+  write_loss(l, d, bad, B, loss, loss_exact, d_logit_scale);
 }
 
 }  // namespace detail

@@ -17,6 +17,7 @@
 #include "clip/dist/gradient_buckets.hpp"
 #include "clip/dist/step_traffic.hpp"
 #include "golden_variants.hpp"
+#include "messages.hpp"
 
 namespace {
 
@@ -176,4 +177,16 @@ BOOST_AUTO_TEST_CASE(logits_per_rank_are_the_ranks_rows_by_the_batch) {
   check(10, 3, 0, 4);
   check(10, 3, 2, 3);
   BOOST_CHECK_THROW(clip::dist::logits_per_rank(8, 2, 2), clip::Error);
+}
+
+// --sync-bn's collective per pass: both trainers refuse slices that split into unequal numbers
+// of micro-batches, naming the rank that differs.
+BOOST_AUTO_TEST_CASE(synced_batchnorm_needs_equal_micro_batch_counts) {
+  using clip::dist::check_equal_micro_batch_counts;
+  BOOST_CHECK_NO_THROW(check_equal_micro_batch_counts(10, 2, 3));   // rows 4, 3, 3: 2 passes each
+  BOOST_CHECK_NO_THROW(check_equal_micro_batch_counts(9, 9, 2));    // rows 5, 4: one pass each
+  BOOST_CHECK_NO_THROW(check_equal_micro_batch_counts(9, 2, 1));    // one process
+  const std::string m = clip::test::message_of([] { check_equal_micro_batch_counts(9, 2, 2); });  // rows 5, 4: 3 vs 2
+  BOOST_TEST(m.find("same number of micro-batches") != std::string::npos, m);
+  BOOST_TEST(m.find("gives rank 0 3 and rank 1 2") != std::string::npos, m);
 }

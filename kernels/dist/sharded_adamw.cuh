@@ -35,33 +35,6 @@
 
 namespace clip::cuda {
 
-namespace detail {
-
-// adamw_kernel over the owned floats: g, m, v at the chunk's offset, the master weight `shift`
-// further (its place in the layout).
-static __global__ void __launch_bounds__(kAdamWThreads)
-    sharded_adamw_kernel(const clip::TensorChunk* __restrict__ chunks, const int64_t* __restrict__ shifts,
-                         float* __restrict__ p, float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-                         clip::AdamWScalars s) {
-  const clip::TensorChunk c = chunks[blockIdx.x];
-  if (!c.decay) s.decay = 1.0f;
-  float* const pc = p + c.offset + shifts[blockIdx.x];
-  float* const gc = g + c.offset;
-  float* const mc = m + c.offset;
-  float* const vc = v + c.offset;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < c.length; i += kAdamWThreads) {
-    float pi = pc[i], gi = gc[i], mi = mc[i], vi = vc[i];
-    clip::adamw_element(pi, gi, mi, vi, s);
-    gc[i] = gi;
-    mc[i] = mi;
-    vc[i] = vi;
-    pc[i] = pi;
-  }
-}
-
-}  // namespace detail
-
 class ShardedAdamW {
  public:
   // `plan`: zero1_plan of the trained tensors for comm's rank and size; `flat`: the layout's
@@ -108,8 +81,9 @@ class ShardedAdamW {
   // offset) clamped where this rank holds it, then every rank's slices gathered into `master`.
   void update(float* master, const clip::AdamWScalars& s, int64_t logit_scale) {
     if (table_.count() > 0) {
-      detail::sharded_adamw_kernel<<<static_cast<unsigned>(table_.count()), detail::kAdamWThreads, 0, ctx_.stream()>>>(
-          table_.chunks(), shifts_.data(), master, g_.data(), m_.data(), v_.data(), s);
+      // The compute copy is rebuilt after the gather (null here); each chunk's weights lie at its shift.
+      detail::adamw_kernel<float><<<static_cast<unsigned>(table_.count()), detail::kAdamWThreads, 0, ctx_.stream()>>>(
+          table_.chunks(), master, g_.data(), m_.data(), v_.data(), static_cast<float*>(nullptr), s, shifts_.data());
       CLIP_CUDA_CHECK(cudaGetLastError());
     }
     if (plan_.owned_position(logit_scale) >= 0) clamp_logit_scale<float>(ctx_, master + logit_scale, nullptr);

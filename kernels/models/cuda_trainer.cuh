@@ -171,7 +171,7 @@ class TrainNet {
       }
       if constexpr (has_running_stats)
         if (options_.sync_batchnorm) {
-          check_equal_passes();
+          dist::check_equal_micro_batch_counts(options_.batch, options_.micro_batch, comm_->size());
           bn_table_ = DeviceBuffer<double>(BatchNormSyncScope::capacity_for(comm_->size(), kWidestBatchNorm));
         }
     }
@@ -330,18 +330,6 @@ class TrainNet {
   // A ResNet's widest BatchNorm: the last stage's 4 x 8 x width channels.
   static constexpr int64_t kWidestBatchNorm = int64_t{32} * Cfg::vision_width;
 
-  // Synchronised BatchNorm is a collective per pass: every rank must run as many (the CPU's check).
-  void check_equal_passes() const {
-    const int world = comm_->size();
-    const auto passes = [&](int r) {
-      const int64_t rows = dist::batch_slice(options_.batch, world, r).rows, m = std::min(options_.micro_batch, rows);
-      return (rows + m - 1) / m;
-    };
-    for (int r = 1; r < world; ++r)
-      CLIP_CHECK(passes(r) == passes(0), "synchronised BatchNorm needs the same number of micro-batches on every "
-                 "rank, but a global batch of ", options_.batch, " over ", world, " processes in micro-batches of ",
-                 options_.micro_batch, " gives rank 0 ", passes(0), " and rank ", r, " ", passes(r));
-  }
 
   static TrainOptions checked(TrainOptions o) {
     CLIP_CHECK(o.batch > 0, "a training batch needs at least one pair, got ", o.batch);

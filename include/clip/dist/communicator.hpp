@@ -38,6 +38,19 @@ inline Slice batch_slice(int64_t total, int world, int rank) {
   return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
 }
 
+// Synchronised BatchNorm makes every forward pass a collective, so every rank must run as many
+// micro-batches of `micro_batch` rows over its slice of `batch`: refused otherwise, naming a rank.
+inline void check_equal_micro_batch_counts(int64_t batch, int64_t micro_batch, int world) {
+  const auto passes = [&](int r) {
+    const int64_t rows = batch_slice(batch, world, r).rows, m = std::min(micro_batch, rows);
+    return (rows + m - 1) / m;
+  };
+  for (int r = 1; r < world; ++r)
+    CLIP_CHECK(passes(r) == passes(0), "synchronised BatchNorm needs the same number of micro-batches on every "
+               "rank, but a global batch of ", batch, " over ", world, " processes in micro-batches of ", micro_batch,
+               " gives rank 0 ", passes(0), " and rank ", r, " ", passes(r));
+}
+
 // Every rank's slice size, in rank order (the counts table of the v-collectives), times `unit`.
 inline std::vector<int64_t> slice_counts(int64_t total, int world, int64_t unit = 1) {
   std::vector<int64_t> counts(static_cast<size_t>(world));

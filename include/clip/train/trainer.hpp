@@ -126,17 +126,8 @@ class Trainer<Cfg, Device::cpu> {
     CLIP_CHECK(options_.batch >= communicator().size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                communicator().size() - 1, " of ", communicator().size(),
                " without a pair: the batch must be at least the number of processes");
-    if (options_.sync_batchnorm && dims<Cfg>::is_resnet) {  // every rank must run as many BatchNorm passes
-      const int world = communicator().size();
-      const auto passes = [&](int r) {
-        const int64_t rows = dist::batch_slice(options_.batch, world, r).rows, m = std::min(options_.micro_batch, rows);
-        return (rows + m - 1) / m;
-      };
-      for (int r = 1; r < world; ++r)
-        CLIP_CHECK(passes(r) == passes(0), "synchronised BatchNorm needs the same number of micro-batches on every "
-                   "rank, but a global batch of ", options_.batch, " over ", world, " processes in micro-batches of ",
-                   options_.micro_batch, " gives rank 0 ", passes(0), " and rank ", r, " ", passes(r));
-    }
+    if (options_.sync_batchnorm && dims<Cfg>::is_resnet)
+      dist::check_equal_micro_batch_counts(options_.batch, options_.micro_batch, communicator().size());
     zero(*grads_);
   }
 
