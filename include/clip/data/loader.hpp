@@ -23,7 +23,7 @@
 // columns, sources without any record, and an epoch in which no record at all could be used.
 //
 // A process of a data-parallel job (BatchShare: rank r of W) prepares only its slice of each
-// global batch, rows [first, first + rows) as clip::dist::batch_slice splits them, and next()
+// global batch, rows [first, first + rows) as clip::batch_slice splits them, and next()
 // hands out those rows alone, bit for bit the rows a one-process loader would put there. Every
 // process reads every record's tar headers and caption and checks the caption (cheap), but reads,
 // decodes and augments only the images of its own rows. Which records a batch uses is then known
@@ -60,6 +60,7 @@
 #include <utility>
 #include <vector>
 
+#include "clip/core/batch_slice.hpp"
 #include "clip/core/error.hpp"
 #include "clip/core/limits.hpp"
 #include "clip/data/augment.hpp"
@@ -112,13 +113,6 @@ struct BatchShare {
   // transport (clip::dist::all_gather_bytes over a Communicator), as data/ has none.
   std::function<std::vector<std::string>(const std::string&)> exchange;
 };
-
-// Rank `rank`'s rows [first, first + rows) of a batch of `total`: the first total % world ranks
-// take one more (the split of clip::dist::batch_slice, which data/ does not include).
-inline std::pair<int64_t, int64_t> share_rows(int64_t total, int world, int rank) {
-  const int64_t base = total / world, extra = total % world;
-  return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
-}
 
 struct Batch {
   int64_t size = 0;              // B, or fewer for the last batch of a loader with loop = false
@@ -513,7 +507,7 @@ class DataLoader {
   // Hands this rank's rows of `plan` to the workers (those not handed out before).
   void schedule(const Plan& plan) {
     if (options_.workers == 0) return;
-    const auto [first, rows] = share_rows(static_cast<int64_t>(plan.rows.size()), share_.world, share_.rank);
+    const auto [first, rows] = batch_slice(static_cast<int64_t>(plan.rows.size()), share_.world, share_.rank);
     bool queued = false;
     {
       std::lock_guard lock(mutex_);
@@ -569,15 +563,15 @@ class DataLoader {
     std::unique_lock source(source_mutex_);
     schedule_ahead();
     Plan plan;
-    std::pair<int64_t, int64_t> own;
+    Slice own;
     for (;;) {  // until no rank reports a failure among its rows
       int64_t used = epoch_used_;
       bool from_start = epoch_from_start_;
       plan = plan_batch(0, used, from_start);
-      own = share_rows(static_cast<int64_t>(plan.rows.size()), share_.world, share_.rank);
+      own = batch_slice(static_cast<int64_t>(plan.rows.size()), share_.world, share_.rank);
       schedule(plan);
       std::vector<Failure> failed;
-      for (int64_t i = own.first; i < own.first + own.second; ++i) {
+      for (int64_t i = own.first; i < own.first + own.rows; ++i) {
         const Item& item = window_[plan.rows[i]].item;
         const Sample& s = obtain(item);
         if (!s.ok) failed.push_back({item.epoch, item.index, s.reason});
@@ -600,8 +594,8 @@ class DataLoader {
     // Consume the batch's items as take() does in one process; this rank keeps its rows.
     Batch batch;
     const int64_t R = options_.resolution, T = options_.context_length;
-    batch.images.reserve(static_cast<size_t>(own.second * 3 * R * R));
-    batch.tokens.reserve(static_cast<size_t>(own.second * T));
+    batch.images.reserve(static_cast<size_t>(own.rows * 3 * R * R));
+    batch.tokens.reserve(static_cast<size_t>(own.rows * T));
     batch.first = own.first;
     batch.global_size = static_cast<int64_t>(plan.rows.size());
     int64_t row = 0;
@@ -618,7 +612,7 @@ class DataLoader {
         take(std::move(s), nullptr);
         continue;
       }
-      const bool mine = row >= own.first && row < own.first + own.second;
+      const bool mine = row >= own.first && row < own.first + own.rows;
       ++row;
       if (!mine) {
         take(std::move(s), nullptr);

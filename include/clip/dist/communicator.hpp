@@ -21,22 +21,13 @@
 #include <string>
 #include <vector>
 
+#include "clip/core/batch_slice.hpp"
 #include "clip/core/error.hpp"
 
 namespace clip::dist {
 
-// A rank's contiguous share of `total` items: the first total % W ranks take one more, so the
-// slices differ by at most one and the global order is rank 0's rows, then rank 1's, ...
-struct Slice {
-  int64_t first = 0;
-  int64_t rows = 0;
-};
-
-inline Slice batch_slice(int64_t total, int world, int rank) {
-  CLIP_CHECK(world > 0 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world, " processes");
-  const int64_t base = total / world, extra = total % world;
-  return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
-}
+using clip::batch_slice;  // clip/core/batch_slice.hpp: rank r's rows of a batch
+using clip::Slice;
 
 // Synchronised BatchNorm makes every forward pass a collective, so every rank must run as many
 // micro-batches of `micro_batch` rows over its slice of `batch`: refused otherwise, naming a rank.
