@@ -640,8 +640,12 @@ BOOST_AUTO_TEST_CASE(damaged_records_keep_two_processes_equal_to_one) {
   const double losses = max_loss_diff(metrics(one), metrics(two));
   const double weights = max_tensor_diff(fs::path(one) / "weights.safetensors", fs::path(two) / "weights.safetensors");
   BOOST_TEST_MESSAGE("damaged data, W = 2 vs W = 1, 8 steps: losses " << losses << " relative, weights " << weights);
+  // The same pairs: the losses agree to rounding (seen: 1.35e-6 and 2.1e-6). The weights differ by
+  // the GEMMs' rounding (4 rows per rank against 8), which AdamW amplifies where it normalises a
+  // small gradient; the largest element seen after these 8 steps at lr 1e-3 was 8.1e-6 on an AMD
+  // EPYC and 1.8e-5 on an Intel Xeon, both AVX-512 (on clean data, 1.9e-6: the case above).
   BOOST_TEST(losses <= 1e-5);
-  BOOST_TEST(weights <= 1e-5);
+  BOOST_TEST(weights <= 5e-5);
 }
 
 // A rank killed mid-run: mpirun ends the job, non-zero, within 30 s, naming the rank; the last

@@ -2,13 +2,16 @@
 // cut() puts the bucket boundaries, the flat ranges the GPU trainer sums (every trained tensor of a
 // model's device layout in exactly one range of its own tower, never one of the other tower's),
 // the CPU buckets over a Params (packed, in place, a sum over one process leaving the gradients
-// as they are), and the logits a rank forms (dist::logits_per_rank, which clip-train prints).
+// as they are, a sum over two equal ranks doubling every float once), and the logits a rank
+// forms (dist::logits_per_rank, which clip-train prints).
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "clip/clip.hpp"
@@ -163,6 +166,85 @@ BOOST_AUTO_TEST_CASE(cpu_buckets_follow_the_cuts_and_a_one_process_sum_keeps_the
   BOOST_TEST(std::equal(g->small_a.data(), g->small_a.data() + 15, before->small_a.data()));
   BOOST_TEST(std::equal(g->small_b.data(), g->small_b.data() + 7, before->small_b.data()));
   BOOST_TEST(std::equal(g->small_c.data(), g->small_c.data() + 2, before->small_c.data()));
+}
+
+namespace {
+
+// Two ranks that hold equal gradients, as seen from one of them: every sum doubles its floats,
+// when waited for (as the MPI back end runs it). Records where each sum ran.
+class TwinCommunicator final : public clip::dist::Communicator {
+ public:
+  std::vector<std::pair<const float*, int64_t>> sums;
+
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  void all_reduce_sum(float* data, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) data[i] *= 2;
+  }
+  void all_reduce_sum(double*, int64_t) override { BOOST_FAIL("no double sum expected"); }
+  std::unique_ptr<clip::dist::PendingCollective> start_all_reduce_sum(float* data, int64_t n) override {
+    struct Deferred final : clip::dist::PendingCollective {
+      TwinCommunicator* comm;
+      float* data;
+      int64_t n;
+      Deferred(TwinCommunicator* c, float* d, int64_t count) : comm(c), data(d), n(count) {}
+      void wait() override { comm->all_reduce_sum(data, n); }
+    };
+    sums.emplace_back(data, n);
+    return std::make_unique<Deferred>(this, data, n);
+  }
+  void all_gather(float*, const std::vector<int64_t>&) override { BOOST_FAIL("no gather expected"); }
+  void reduce_scatter_sum(const float*, float*, const std::vector<int64_t>&) override { BOOST_FAIL("no scatter expected"); }
+  void broadcast(void*, int64_t, int) override { BOOST_FAIL("no broadcast expected"); }
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override { std::exit(code); }
+  std::string describe() const override { return "twin"; }
+};
+
+constexpr int64_t kInPlace = GradientBuckets::kInPlaceFloats;
+
+struct MixedGrads {
+  clip::Param<3, 5> small_a;
+  clip::Param<kInPlace> mid;  // in a bucket with a and b, but summed where it lies
+  clip::Param<7> small_b;
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    f(prefix + "a", small_a, clip::Role::parameter);
+    f(prefix + "mid", mid, clip::Role::parameter);
+    f(prefix + "b", small_b, clip::Role::parameter);
+  }
+};
+
+}  // namespace
+
+// On the CPU a tensor of at least kInPlaceFloats is summed where it lies, even inside a bucket of
+// small ones; the small ones go packed; every float is summed exactly once, packed or not.
+BOOST_AUTO_TEST_CASE(cpu_buckets_sum_large_tensors_in_place_and_every_float_once) {
+  BOOST_TEST(cuts({15, kInPlace, 7}) == (std::vector<std::pair<size_t, size_t>>{{0, 3}}));  // one bucket
+  auto g = std::make_unique<MixedGrads>();
+  int64_t k = 0;
+  clip::for_each_tensor(*g, [&](const std::string&, auto& t, clip::Role) {
+    for (int64_t i = 0; i < t.numel; ++i) t.data()[i] = 0.25f * float(++k % 97);
+  });
+  const auto before = std::make_unique<MixedGrads>(*g);
+  GradientBuckets all(*g, [](const std::string&) { return true; });
+  BOOST_TEST(all.bucket_count() == 2u);  // mid alone, a and b packed
+  BOOST_TEST(all.floats() == 15 + kInPlace + 7);
+  TwinCommunicator twin;
+  all.start(twin);
+  BOOST_TEST(twin.sums.size() == 2u);
+  BOOST_TEST((twin.sums[0].first == g->mid.data() && twin.sums[0].second == kInPlace));  // in place
+  BOOST_TEST(twin.sums[1].second == 15 + 7);                                            // the packed rest
+  all.finish();
+  const auto doubled = [](const float* now, const float* was, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      if (now[i] != 2 * was[i]) return false;
+    return true;
+  };
+  BOOST_TEST(doubled(g->small_a.data(), before->small_a.data(), 15));
+  BOOST_TEST(doubled(g->mid.data(), before->mid.data(), kInPlace));
+  BOOST_TEST(doubled(g->small_b.data(), before->small_b.data(), 7));
 }
 
 BOOST_AUTO_TEST_CASE(logits_per_rank_are_the_ranks_rows_by_the_batch) {

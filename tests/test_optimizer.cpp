@@ -342,6 +342,52 @@ BOOST_AUTO_TEST_CASE(schedules_follow_open_clip) {
              std::string::npos);
 }
 
+namespace {
+
+struct ManyChunks {  // 7 + 3 chunks of the norm's 16384 floats, a buffer between the trained tensors
+  clip::Param<5, 20000> weight;
+  clip::Param<3> running_mean;
+  clip::Param<40000> bias;
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    f(prefix + "weight", weight, clip::Role::parameter);
+    f(prefix + "running_mean", running_mean, clip::Role::buffer);
+    f(prefix + "bias", bias, clip::Role::parameter);
+  }
+};
+
+}  // namespace
+
+// Data parallel: W ranks holding the summed gradients share the norm's chunks; each rank's
+// partial sums cover its chunks only, and their sum gives every rank the one-process bits.
+BOOST_AUTO_TEST_CASE(gradient_norm_shared_by_ranks_has_the_one_process_bits) {
+  std::mt19937 rng(5);
+  auto g = std::make_unique<ManyChunks>();
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  clip::for_each_tensor(*g, [&](const std::string&, auto& t, clip::Role) {
+    for (float& x : t.values) x = normal(rng);
+  });
+  const double one = clip::gradient_norm(*g);
+  for (int world : {2, 3, 4, 10, 11}) {  // 11: a rank without chunks
+    std::vector<std::vector<double>> partials(static_cast<size_t>(world));
+    for (int r = 0; r < world; ++r)  // what each rank contributes to the all-reduce
+      clip::gradient_norm(*g, r, world, [&](double* p, int64_t n) { partials[r].assign(p, p + n); });
+    std::vector<double> summed(partials[0].size(), 0.0);
+    size_t owners = 0;
+    for (const auto& p : partials) {
+      for (size_t c = 0; c < p.size(); ++c) summed[c] += p[c];
+      owners += static_cast<size_t>(std::count_if(p.begin(), p.end(), [](double x) { return x != 0; }));
+    }
+    BOOST_TEST(summed.size() == 10u);
+    BOOST_TEST(owners == summed.size(), "every chunk summed by exactly one of " << world << " ranks");
+    for (int r = 0; r < world; ++r) {
+      const double shared = clip::gradient_norm(*g, r, world, [&](double* p, int64_t n) { std::copy_n(summed.data(), n, p); });
+      BOOST_TEST(shared == one, "rank " << r << " of " << world);  // bit for bit
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(gradient_clipping_by_global_norm) {
   std::mt19937 rng(11);
   Toy g;

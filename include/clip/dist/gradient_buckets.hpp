@@ -1,7 +1,8 @@
 // The sum of every rank's gradients, in buckets, as PyTorch's DistributedDataParallel does:
 // tensors are grouped in visit order into buckets of about kBucketFloats; a tensor at least
-// that large is its own bucket, summed in place; a run of smaller ones is packed into one
-// staging buffer, so a model of hundreds of small tensors costs a few collectives, not hundreds.
+// that large is its own bucket. On the CPU a tensor of at least kInPlaceFloats is summed in
+// place, and the smaller ones of a bucket are packed into one staging buffer, so a model of
+// hundreds of small tensors costs a few collectives, not hundreds.
 //
 // Gradients are summed, not averaged: each rank's loss term is already its share of the mean
 // over the global batch (train/contrastive_loss.hpp), so the sum is the one-process gradient.
@@ -13,7 +14,8 @@
 // start() launches the non-blocking sums and returns at once; finish() waits and unpacks. The
 // trainer starts the image tower's buckets as soon as its backward is done and finishes them
 // after the text tower's backward, so the transfer overlaps that work where the back end
-// progresses in the background.
+// progresses in the background (NCCL; the MPI back end runs the sums when waited for, which
+// measured faster on the CPU: mpi_communicator.hpp).
 #pragma once
 
 #include <algorithm>
@@ -33,6 +35,10 @@ namespace clip::dist {
 class GradientBuckets {
  public:
   static constexpr int64_t kBucketFloats = int64_t{1} << 22;  // 16 MiB
+  // Host tensors are separate arrays: one of at least this many floats is summed where it lies,
+  // as its own collective; packing it would copy it twice for nothing (ViT-B/32's 577 MiB of
+  // gradients are tensors of 0.26 to 2.4 M floats).
+  static constexpr int64_t kInPlaceFloats = int64_t{1} << 18;  // 1 MiB
 
   // A bucket: tensors [begin, end) of a sequence, in visit order.
   struct Cut {
@@ -112,12 +118,14 @@ class GradientBuckets {
     std::vector<int64_t> sizes;
     for (const Part& p : parts) sizes.push_back(p.n);
     for (const Cut& c : cut(sizes)) {
-      Bucket b;
-      b.parts.assign(parts.begin() + static_cast<std::ptrdiff_t>(c.begin), parts.begin() + static_cast<std::ptrdiff_t>(c.end));
-      for (const Part& p : b.parts) b.floats += p.n;
-      b.in_place = b.parts.size() == 1 && b.floats >= kBucketFloats;
-      if (!b.in_place) b.staging.resize(static_cast<size_t>(b.floats));
-      buckets_.push_back(std::move(b));
+      Bucket packed;
+      for (size_t i = c.begin; i < c.end; ++i) {
+        if (parts[i].n >= kInPlaceFloats) buckets_.push_back({{parts[i]}, {}, parts[i].n, /*in_place=*/true});
+        else packed.parts.push_back(parts[i]), packed.floats += parts[i].n;
+      }
+      if (packed.parts.empty()) continue;
+      packed.staging.resize(static_cast<size_t>(packed.floats));
+      buckets_.push_back(std::move(packed));
     }
   }
 

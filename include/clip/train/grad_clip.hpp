@@ -11,46 +11,59 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "clip/core/batch_slice.hpp"
 #include "clip/core/error.hpp"
 #include "clip/tensor/param.hpp"
 
 namespace clip {
 
-// sqrt(sum of g^2) over every trained tensor of `grads` (buffers excluded).
+// sqrt(sum of g^2) over every trained tensor of `grads` (buffers excluded), its work shared by
+// `world` processes that hold the same gradients (after their sum): process `rank` sums the
+// squares of its share of the chunks, `sum_partials` adds the processes' partial sums (an
+// all-reduce of doubles: each is one process's value plus zeros, so exact), and every process
+// adds them in the one order: the bits of gradient_norm(grads).
 template <class Params>
-double gradient_norm(const Params& grads) {
+double gradient_norm(const Params& grads, int rank, int world,
+                     const std::function<void(double*, int64_t)>& sum_partials) {
   struct Chunk {
     const float* data;
     int64_t n;
   };
   constexpr int64_t chunk = int64_t{1} << 14;
   std::vector<Chunk> chunks;
-  int64_t elements = 0;
   for_each_tensor(grads, [&](const std::string&, const auto& t, Role role) {
     using T = std::remove_cvref_t<decltype(t)>;
     if constexpr (!is_counter_v<T>) {
       if (role != Role::parameter) return;
       for (int64_t b = 0; b < T::numel; b += chunk) chunks.push_back({t.data() + b, std::min(chunk, T::numel - b)});
-      elements += T::numel;
     }
   });
-  std::vector<double> partial(chunks.size());
-  const int64_t count = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(static) if (elements >= (int64_t{1} << 16))
-  for (int64_t c = 0; c < count; ++c) {
+  std::vector<double> partial(chunks.size(), 0.0);
+  const Slice mine = batch_slice(static_cast<int64_t>(chunks.size()), world, rank);
+  const int64_t end = mine.first + mine.rows;
+#pragma omp parallel for schedule(static) if (mine.rows * chunk >= (int64_t{1} << 16))
+  for (int64_t c = mine.first; c < end; ++c) {
     const float* x = chunks[c].data;
     double sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < chunks[c].n; ++i) sum += double(x[i]) * x[i];
     partial[c] = sum;
   }
+  if (world > 1) sum_partials(partial.data(), static_cast<int64_t>(partial.size()));
   double total = 0;
   for (double s : partial) total += s;
   return std::sqrt(total);
+}
+
+// sqrt(sum of g^2) over every trained tensor of `grads` (buffers excluded).
+template <class Params>
+double gradient_norm(const Params& grads) {
+  return gradient_norm(grads, 0, 1, {});
 }
 
 // The factor clip_grad_norm_ multiplies gradients of norm `norm` by: min(1, max / (norm + 1e-6)).

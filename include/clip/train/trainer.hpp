@@ -181,7 +181,10 @@ class Trainer<Cfg, Device::cpu> {
     }
 
     // With ZeRO-1 the sum is a reduce-scatter: each rank gets its shard of the summed gradients.
-    const double norm = sharded_ ? sharded_->reduce(*grads_) : gradient_norm(*grads_);
+    // Otherwise every rank holds the whole sum, and the ranks share the norm's work.
+    const auto sum_partials = [&comm](double* data, int64_t count) { comm.all_reduce_sum(data, count); };
+    const double norm =
+        sharded_ ? sharded_->reduce(*grads_) : gradient_norm(*grads_, comm.rank(), comm.size(), sum_partials);
     if (!std::isfinite(norm)) {
       zero(*grads_);
       CLIP_FAIL("training step ", steps(), ": the gradient norm is ", norm,
