@@ -611,7 +611,8 @@ void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
               first.rows == last.rows ? "" : (" or " + std::to_string(last.rows)).c_str(),
               static_cast<long long>(logits.rows), static_cast<long long>(logits.columns));
   std::printf("%s: per step and rank: features %s gathered, feature gradients %s, parameter gradients %s "
-              "(ZeRO-1 would move the same, and hold AdamW moments of %s instead of %s)\n",
+              "(ZeRO-1 would move the same, or less on a GPU in bf16, whose weights it gathers in bf16, and hold AdamW "
+              "moments of %s instead of %s)\n",
               kProgram, bytes_text(t.feature_bytes).c_str(), bytes_text(t.feature_grad_bytes).c_str(),
               bytes_text(t.gradient_bytes).c_str(), bytes_text(t.sharded_moment_bytes).c_str(),
               bytes_text(t.moment_bytes).c_str());

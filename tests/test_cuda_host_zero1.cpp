@@ -17,6 +17,7 @@
 #include <memory>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "clip/clip.hpp"
@@ -39,12 +40,14 @@ struct Model {
   clip::cuda::WeightLayout layout{*params};
   std::vector<clip::TensorSlice> trained;
   std::vector<int64_t> numels;
+  std::vector<bool> visual;  // per trained tensor: the image tower's
   Model() {
     clip::init_params<Cfg>(*params, 3);
     for (const clip::cuda::WeightEntry& e : layout.entries())
       if (e.role == clip::Role::parameter) {
         trained.push_back({e.offset, e.numel, clip::adamw_decays(e.name, e.rank)});
         numels.push_back(e.numel);
+        visual.push_back(e.name.starts_with("visual."));
       }
   }
 };
@@ -99,12 +102,27 @@ void check_world(int world, int64_t bucket) {
     owned[r].assign(static_cast<size_t>(plans[r].shard.owned), 0.0f);
   }
   const auto& buckets = plans[0].shard.buckets;
-  // 1. reduce-scatter per bucket: staging from the runs, each rank's slice summed over the ranks.
+  // The buckets started after the image tower's backward: only its tensors, and (for the device)
+  // one contiguous run; every rank flags the same.
+  const std::vector<bool> image_only = plans[0].buckets_within(model.visual);
+  int64_t early = 0;
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    for (int r = 1; r < world; ++r) BOOST_TEST(plans[r].buckets_within(model.visual)[b] == image_only[b]);
+    for (const clip::dist::ShardPlan::Piece& k : plans[0].shard.pieces_of(buckets[b].first, buckets[b].size))
+      if (image_only[b]) BOOST_TEST(model.visual[k.tensor]);
+    early += image_only[b] && plans[0].contiguous_at(b) >= 0;
+  }
+  if (buckets.size() > 4 && std::is_same_v<Cfg, clip::test::ViTTiny>) BOOST_TEST(early > 0);
+  // 1. reduce-scatter per bucket: staging from the runs (a contiguous bucket: the gradient buffer
+  // itself, from its layout start), each rank's slice summed over the ranks.
   for (size_t b = 0; b < buckets.size(); ++b) {
     std::vector<std::vector<float>> staging(world, std::vector<float>(static_cast<size_t>(buckets[b].size), -1e9f));
     for (int r = 0; r < world; ++r)
       for (const Zero1Plan::Run& run : plans[r].runs(buckets[b].first, buckets[b].size))
         std::copy_n(grads[r].data() + run.layout, run.n, staging[r].data() + run.at);
+    if (const int64_t at = plans[0].contiguous_at(b); at >= 0)
+      for (int r = 0; r < world; ++r)
+        BOOST_TEST(std::equal(staging[r].begin(), staging[r].end(), grads[r].begin() + at));
     for (int r = 0; r < world; ++r) {
       const auto& mine = plans[r].shard.buckets[b];
       for (int64_t i = 0; i < mine.own.rows; ++i) {
@@ -131,7 +149,16 @@ void check_world(int world, int64_t bucket) {
     BOOST_TEST(covered == plans[r].shard.owned);
   }
   // 4. all-gather per bucket: each rank's own runs into its slice, every slice back through the runs.
+  // A contiguous bucket is gathered in place: each rank's slice already sits at the bucket's
+  // layout start plus the slice's start.
   for (size_t b = 0; b < buckets.size(); ++b) {
+    if (const int64_t at = plans[0].contiguous_at(b); at >= 0)
+      for (int r = 0; r < world; ++r) {
+        const auto& mine = plans[r].shard.buckets[b];
+        const std::vector<Zero1Plan::Run> own = plans[r].runs(mine.first + mine.own.first, mine.own.rows);
+        BOOST_TEST(own.size() == (mine.own.rows > 0 ? 1u : 0u));
+        if (!own.empty()) BOOST_TEST(own[0].layout == at + mine.own.first);
+      }
     std::vector<float> staging(static_cast<size_t>(buckets[b].size), -1e9f);
     for (int r = 0; r < world; ++r) {
       const auto& mine = plans[r].shard.buckets[b];
@@ -350,6 +377,33 @@ BOOST_AUTO_TEST_CASE(gpu_memory_per_rank) {
   // fp32 cannot shard its masters (they are the weights the kernels read), nor can a run without ZeRO-1.
   BOOST_CHECK_THROW(clip::cuda::device_state_bytes(1000, false, 250, 500, 128), clip::Error);
   BOOST_CHECK_THROW(clip::cuda::device_state_bytes(1000, true, -1, 0, 128), clip::Error);
+}
+
+BOOST_AUTO_TEST_CASE(gpu_zero1_buckets_within_a_tower_and_contiguous) {
+  const Zero1Plan by10 = clip::cuda::zero1_plan({{0, 10, true}, {64, 10, false}, {128, 10, true}}, 1, 0, 10);
+  BOOST_TEST(by10.buckets_within({true, false, true}) == std::vector<bool>({true, false, true}));
+  BOOST_TEST(by10.contiguous_at(0) == 0);
+  BOOST_TEST(by10.contiguous_at(1) == 64);
+  BOOST_TEST(by10.contiguous_at(2) == 128);
+  BOOST_CHECK_THROW(by10.buckets_within({true, false}), clip::Error);
+  const Zero1Plan by15 = clip::cuda::zero1_plan({{0, 10, true}, {64, 10, false}, {128, 10, true}}, 2, 1, 15);
+  BOOST_TEST(by15.buckets_within({true, true, false}) == std::vector<bool>({true, false}));
+  BOOST_TEST(by15.contiguous_at(0) == -1);  // a gap of 54 floats between the tensors
+  BOOST_TEST(by15.contiguous_at(1) == -1);
+  const Zero1Plan packed = clip::cuda::zero1_plan({{0, 64, true}, {64, 10, false}}, 3, 2, 74);
+  BOOST_TEST(packed.contiguous_at(0) == 0);  // adjacent tensors: one run
+}
+
+// The blocking fallback of a started reduce-scatter (what a host back end without its own does):
+// the result is in place when the call returns.
+BOOST_AUTO_TEST_CASE(started_reduce_scatter_falls_back_to_the_blocking_one) {
+  clip::dist::LocalCommunicator one;
+  const std::vector<float> send = {1.5f, -2.0f, 3.25f};
+  std::vector<float> recv(3, 0.0f);
+  auto pending = one.start_reduce_scatter_sum(send.data(), recv.data(), {3});
+  BOOST_TEST(recv == send);
+  pending->wait();
+  BOOST_CHECK_THROW(one.start_reduce_scatter_sum(send.data(), recv.data(), {1, 2}), clip::Error);
 }
 
 BOOST_AUTO_TEST_CASE(gpu_zero1_plan_refuses_a_chunk_across_pieces) {

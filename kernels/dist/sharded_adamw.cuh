@@ -5,9 +5,12 @@
 // of its owned floats only (DeepSpeed's ZeRO-1 and llm.c's as well), since the kernels read the
 // bf16 copy; in fp32 the master weights are the weights the kernels read, whole on every rank.
 // A step:
-//   1. per bucket, the bucket's gradient runs copied into one staging bucket (the trained tensors
-//      are not contiguous in the layout: BatchNorm buffers sit between them) and reduce-scattered:
-//      each rank gets the sum over ranks of its slice; the whole gradient buffer is zeroed;
+//   1. per bucket, the bucket's gradients reduce-scattered: each rank gets the sum over ranks of
+//      its slice. A bucket that is one contiguous run of the layout goes from the gradient buffer
+//      in place; one that is not (BatchNorm buffers or alignment padding between its tensors) is
+//      first copied into one staging bucket. Contiguous buckets of the image tower start as soon
+//      as its backward is done (start_early: on the communicator's stream, overlapping the text
+//      tower's backward), the rest after the whole backward; the gradient buffer is then zeroed;
 //   2. the global gradient norm: each rank's sum of squares over its slices, summed over the
 //      ranks (all-reduce of one device double), one square root: the norm of the whole summed
 //      gradient, as one process defines it;
@@ -19,14 +22,15 @@
 //          in place in the compute copy; logit_scale's owner broadcasts the clamped fp32 value
 //          into every rank's replicated slot (the loss reads it in fp32);
 //   4. per bucket, all-gather of the updated weights: fp32 masters (the fp32 path; they are the
-//      compute copy), or the bf16 compute copy (half the bytes), each rank's slice padded to
-//      whole floats (Zero1Plan::packed_slices).
+//      compute copy; a contiguous bucket in place), or the bf16 compute copy (half the bytes),
+//      each rank's slice padded to whole floats (Zero1Plan::packed_slices).
 // Checkpoints: gather() assembles the whole moments (gather_masters() the master weights) into
 // host layout buffers (collective), scatter() (load_masters()) takes this rank's slices from them.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -68,6 +72,7 @@ class ShardedAdamW {
       bucket_runs_.push_back(plan_.runs(b.first, b.size));
       own_runs_.push_back(plan_.runs(b.first + b.own.first, b.own.rows));
       counts_.push_back(dist::slice_counts(b.size, comm.size()));
+      contiguous_.push_back(plan_.contiguous_at(bucket_runs_.size() - 1));
       if (!shard_masters) continue;
       packed_.push_back(plan_.packed_slices(bucket_runs_.size() - 1));
       CLIP_CHECK(packed_.back().floats <= staging_.size(), "a bucket's bf16 slices need more staging than it has");
@@ -75,6 +80,8 @@ class ShardedAdamW {
       for (int q = 0; q < comm.size(); ++q) slices.push_back(plan_.slice_runs(bucket_runs_.size() - 1, q));
       slice_runs_.push_back(std::move(slices));
     }
+    early_.assign(plan_.shard.buckets.size(), false);
+    started_.assign(plan_.shard.buckets.size(), false);
     p_.zero(ctx.stream());
     g_.zero(ctx.stream());
     m_.zero(ctx.stream());
@@ -82,14 +89,46 @@ class ShardedAdamW {
     ctx.synchronize();  // the shifts' host vector goes out of scope
   }
 
+  // The buckets start_early() may start: `early[i]` says bucket i's gradients are final at that
+  // point (Zero1Plan::buckets_within: the image tower's, after its backward). Only a bucket that is
+  // one contiguous run of the layout qualifies: it is reduce-scattered from the gradient buffer in
+  // place, while a bucket through the one staging would have to wait for the previous one.
+  void set_early(const std::vector<bool>& early) {
+    CLIP_CHECK(early.size() == plan_.shard.buckets.size(), "a flag per ZeRO-1 bucket: ", plan_.shard.buckets.size(),
+               ", got ", early.size());
+    for (size_t i = 0; i < early.size(); ++i) early_[i] = early[i] && contiguous_[i] >= 0;
+  }
+  int64_t early_buckets() const { return std::count(early_.begin(), early_.end(), true); }
+
+  // 1, started early: the early buckets' reduce-scatters from `grad` in place, on the
+  // communicator's stream, overlapping the compute stream's later work (the text tower's
+  // backward); reduce() waits for them. Every rank starts the same buckets in the same order.
+  void start_early(const float* grad) {
+    for (size_t i = 0; i < early_.size(); ++i)
+      if (early_[i]) {
+        pending_.push_back(comm_.start_reduce_scatter_sum(grad + contiguous_[i], g_.data() + plan_.shard.buckets[i].owned_at,
+                                                          counts_[i]));
+        started_[i] = true;
+      }
+  }
+
   // 1 and 2: the ranks' gradients (`grad`, the layout's fp32 gradients, zeroed here) summed into
-  // this rank's slices; *norm (a device double) = the global gradient norm, the same on every rank.
+  // this rank's slices (the buckets not started early: in place when contiguous, else through
+  // the staging); *norm (a device double) = the global gradient norm, the same on every rank.
   void reduce(float* grad, double* norm) {
     for (size_t i = 0; i < plan_.shard.buckets.size(); ++i) {
+      if (started_[i]) continue;
       const dist::ShardPlan::Bucket& b = plan_.shard.buckets[i];
+      if (contiguous_[i] >= 0) {
+        comm_.reduce_scatter_sum(grad + contiguous_[i], g_.data() + b.owned_at, counts_[i]);
+        continue;
+      }
       for (const Zero1Plan::Run& r : bucket_runs_[i]) copy(staging_.data() + r.at, grad + r.layout, r.n);
       comm_.reduce_scatter_sum(staging_.data(), g_.data() + b.owned_at, counts_[i]);
     }
+    for (auto& p : pending_) p->wait();  // the compute stream waits (the memset below overwrites their source)
+    pending_.clear();
+    std::fill(started_.begin(), started_.end(), false);
     CLIP_CUDA_CHECK(cudaMemsetAsync(grad, 0, sizeof(float) * flat_, ctx_.stream()));
     gradient_sum_squares(ctx_, table_, g_.data(), norm);
     comm_.all_reduce_sum(norm, 1);
@@ -110,6 +149,10 @@ class ShardedAdamW {
     }
     if (plan_.owned_position(logit_scale) >= 0) clamp_logit_scale<float>(ctx_, master + logit_scale, nullptr);
     for (size_t i = 0; i < plan_.shard.buckets.size(); ++i) {
+      if (contiguous_[i] >= 0) {  // each rank's slice already sits where the gather puts it
+        comm_.all_gather(master + contiguous_[i], counts_[i]);
+        continue;
+      }
       for (const Zero1Plan::Run& r : own_runs_[i]) copy(staging_.data() + plan_.shard.buckets[i].own.first + r.at, master + r.layout, r.n);
       comm_.all_gather(staging_.data(), counts_[i]);
       for (const Zero1Plan::Run& r : bucket_runs_[i]) copy(master + r.layout, staging_.data() + r.at, r.n);
@@ -189,6 +232,9 @@ class ShardedAdamW {
   std::vector<std::vector<Zero1Plan::Run>> bucket_runs_;  // per bucket: staging <-> layout
   std::vector<std::vector<Zero1Plan::Run>> own_runs_;     // per bucket: its own slice's runs (at: within the slice)
   std::vector<std::vector<int64_t>> counts_;              // per bucket: the ranks' slice sizes
+  std::vector<int64_t> contiguous_;                       // per bucket: its layout start when one run, else -1
+  std::vector<bool> early_, started_;                     // per bucket: start_early() starts it; has this step
+  std::vector<std::unique_ptr<dist::PendingCollective>> pending_;  // the early buckets' reduce-scatters
   // Sharded masters: per bucket, the bf16 gather's padded slices and every rank's slice runs.
   std::vector<Zero1Plan::PackedSlices> packed_;
   std::vector<std::vector<std::vector<Zero1Plan::Run>>> slice_runs_;

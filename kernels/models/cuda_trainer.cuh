@@ -43,13 +43,14 @@
 // ResNet's BatchNorms use every rank's batch statistics (kernels/batchnorm_sync.cuh, its table
 // summed over NCCL), as the CPU Trainer under BatchNormSync; the ranks must then run as many
 // micro-batches (checked at construction, as the CPU). With TrainOptions::zero1 (--zero1) the
-// gradients are not all-reduced: after backward, kernels/dist/sharded_adamw.cuh reduce-scatters
-// them into this rank's shard (the CPU's cut, dist::shard_plan), takes the global norm from the
-// shards, and AdamW updates the shard's master weights, whose moments only this rank holds. In
-// bf16 the fp32 masters of the trained tensors are sharded as well (no whole fp32 buffer: the
-// rank holds its owned floats; BatchNorm buffers and logit_scale stay fp32 on every rank,
-// logit_scale broadcast by its owner): AdamW writes the bf16 image of its shard and the bf16 copy
-// is all-gathered. In fp32 the masters are the weights the kernels read, whole on every rank:
+// gradients are not all-reduced: kernels/dist/sharded_adamw.cuh reduce-scatters them into this
+// rank's shard (the CPU's cut, dist::shard_plan; the image tower's contiguous buckets as soon as
+// its backward is done, overlapping the text tower's, the rest after backward), takes the global
+// norm from the shards, and AdamW updates the shard's master weights, whose moments only this
+// rank holds. In bf16 the fp32 masters of the trained tensors are sharded as well (no whole
+// fp32 buffer: the rank holds its owned floats; BatchNorm buffers and logit_scale stay fp32 on
+// every rank, logit_scale broadcast by its owner): AdamW writes the bf16 image of its shard and
+// the bf16 copy is all-gathered. In fp32 the masters are the weights the kernels read, whole on every rank:
 // AdamW writes the rank's slices of them and they are all-gathered. The step's semantics
 // (clipping, clamp, schedule, refusals) do not change; download()/upload() gather and scatter the
 // moments, and in bf16 the master weights.
@@ -172,6 +173,10 @@ class TrainNet {
       if (options_.zero1) {
         auto& W = net_.weights();
         zero1_.emplace(ctx, zero1_plan(trained, comm_->size(), comm_->rank()), W.size(), *comm_, W.masters_sharded());
+        std::vector<bool> visual;  // per trained tensor: the image tower's (final after image_backward)
+        for (const WeightEntry& e : W.layout().entries())
+          if (e.role == Role::parameter) visual.push_back(e.name.starts_with("visual."));
+        zero1_->set_early(zero1_->plan().buckets_within(visual));
         if (W.masters_sharded()) {  // the shard's fp32 masters from the host weights
           std::vector<float> flat(static_cast<size_t>(W.size()));
           W.layout().pack(host, flat.data());
@@ -217,7 +222,7 @@ class TrainNet {
       net_.text_forward_train(d_tokens, d_pool, positions, txt, B);
       loss(global);
       net_.image_backward(d_img, B);
-      start_gradient_sums(image_sums_);  // overlaps the text tower's backward
+      start_image_gradient_sums();  // overlaps the text tower's backward
       net_.text_backward(d_txt, B);
     } else {
       for (int64_t b = 0; b < B; b += M) {  // 1. features only
@@ -241,7 +246,7 @@ class TrainNet {
                                 txt + b * E, n);
         net_.text_backward(d_txt + b * E, n);
       }
-      start_gradient_sums(image_sums_);
+      start_image_gradient_sums();
     }
     start_gradient_sums(text_sums_);  // logit_scale's among them
     finish_gradient_sums();
@@ -441,8 +446,15 @@ class TrainNet {
     pending_.reserve(image_sums_.size() + text_sums_.size());
   }
 
+  // The image tower's gradient sums, started once its backward is done. ZeRO-1: its contiguous
+  // buckets' reduce-scatters (sharded_adamw.cuh's start_early); the rest after backward.
+  void start_image_gradient_sums() {
+    if (zero1_) return zero1_->start_early(net_.weights().grad_data());
+    start_gradient_sums(image_sums_);
+  }
+
   void start_gradient_sums(const std::vector<Range>& ranges) {
-    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters them after backward
+    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters the rest after backward (zero1_->reduce)
     float* g = net_.weights().grad_data();
     for (const Range& r : ranges) pending_.push_back(comm_->start_all_reduce_sum(g + r.first, r.n));
   }

@@ -12,7 +12,8 @@
 // reduce-scattered into the shard, the norm from the shards, AdamW on the shard, the weights
 // all-gathered) at world size 1 against the plain step, with a checkpoint round trip after step 1
 // (download() gathers the moments, a new trainer's upload() scatters them) and the gathered state
-// (m, v, step count) against the plain trainer's. In bf16 ZeRO-1 also shards the fp32 master
+// (m, v, step count) against the plain trainer's; at world size 1 ZeRO-1's image-tower buckets
+// start their reduce-scatters after the image backward (start_reduce_scatter_sum), as on several. In bf16 ZeRO-1 also shards the fp32 master
 // weights (each rank its owned floats; BatchNorm buffers and logit_scale fp32 on every rank): the
 // checkpoint round trip then gathers and scatters the masters too, the downloaded weights must be
 // the fp32 masters (not their bf16 copy), and the device memory the trainer reports must be the
@@ -106,6 +107,14 @@ BOOST_AUTO_TEST_CASE(nccl_collectives_at_world_size_one) {
   recv.zero(w.ctx.stream());
   w.nccl.reduce_scatter_sum(send.data(), recv.data(), clip::dist::slice_counts(n, 1));
   BOOST_TEST(on_host(w, recv) == values);
+  // Started (ZeRO-1's early buckets): the compute stream's work before it is what it reads, and
+  // what the compute stream does after wait() sees its result.
+  clip::cuda::DeviceBuffer<float> early(n);
+  early.zero(w.ctx.stream());
+  auto scattering = w.nccl.start_reduce_scatter_sum(send.data(), early.data(), clip::dist::slice_counts(n, 1));
+  scattering->wait();
+  BOOST_TEST(on_host(w, early) == values);
+  BOOST_CHECK_THROW(w.nccl.start_reduce_scatter_sum(send.data(), early.data(), {n, 0}), clip::Error);
   const std::vector<float> small = ramp(7, -1.0f);
   auto bytes = on_device(w, small);
   w.nccl.broadcast(bytes.data(), 7 * sizeof(float), 0);

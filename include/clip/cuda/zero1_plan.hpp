@@ -86,6 +86,26 @@ struct Zero1Plan {
     return p;
   }
 
+  // Per bucket: whether every tensor it covers has `flag` (per tensor, in visit order), e.g. the
+  // image tower's tensors, whose gradients are final before the text tower's backward.
+  std::vector<bool> buckets_within(const std::vector<bool>& flag) const {
+    CLIP_CHECK(flag.size() == layout_offsets.size(), "a flag per trained tensor: ", layout_offsets.size(), ", got ",
+               flag.size());
+    std::vector<bool> out;
+    for (const dist::ShardPlan::Bucket& b : shard.buckets) {
+      bool all = true;
+      for (const dist::ShardPlan::Piece& k : shard.pieces_of(b.first, b.size)) all = all && flag[k.tensor];
+      out.push_back(all);
+    }
+    return out;
+  }
+  // Where bucket i starts in the layout when it is one contiguous run there (its collective can
+  // read and write the device buffers in place, without the staging), else -1.
+  int64_t contiguous_at(size_t i) const {
+    const std::vector<Run> r = runs(shard.buckets[i].first, shard.buckets[i].size);
+    return r.size() == 1 ? r[0].layout : -1;
+  }
+
   // The rank that owns the trained element at `layout` (updates its master and moments).
   int owner(int64_t layout) const {
     for (size_t t = 0; t < layout_offsets.size(); ++t) {
