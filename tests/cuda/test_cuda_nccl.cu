@@ -245,11 +245,15 @@ void expect_same(clip::cuda::Precision precision, int64_t micro, const std::stri
 }
 
 // ZeRO-1 through NCCL at world size 1 against the plain step (the rows loss and the bf16
-// tolerances as above; bf16 also rebuilds its compute copy from the gathered master weights).
+// tolerances as above; in bf16 the sharded masters' bf16 image is gathered). With
+// `reference_through_nccl` the reference is the step through NCCL without ZeRO-1: the same rows
+// loss, so only the optimizer's path differs (RN-tiny in bf16, whose BatchNorm backward has not
+// been compared with the single-matrix loss's rounding in bf16).
 template <class Cfg = ViTTiny>
 void expect_same_zero1(int64_t micro, const std::string& what,
-                       clip::cuda::Precision precision = clip::cuda::Precision::fp32) {
-  const Run plain = train<Cfg>(false, precision, micro, 3);
+                       clip::cuda::Precision precision = clip::cuda::Precision::fp32,
+                       bool reference_through_nccl = false) {
+  const Run plain = train<Cfg>(reference_through_nccl, precision, micro, 3);
   const Run zero1 = train<Cfg>(true, precision, micro, 3, false, true);
   double loss = 0, norm = 0;
   for (size_t s = 0; s < plain.losses.size(); ++s) {
@@ -303,7 +307,7 @@ BOOST_AUTO_TEST_CASE(trainer_step_with_zero1_through_nccl_equals_the_plain_step_
   expect_same_zero1(8, "ZeRO-1 bf16, whole batch", clip::cuda::Precision::bf16);
   expect_same_zero1(3, "ZeRO-1 bf16, micro-batches 3 + 3 + 2", clip::cuda::Precision::bf16);
   expect_same_zero1<RNTiny>(8, "ZeRO-1 RN-tiny bf16 (BatchNorm buffers fp32 on every rank)",
-                            clip::cuda::Precision::bf16);
+                            clip::cuda::Precision::bf16, /*reference_through_nccl=*/true);
 }
 
 BOOST_AUTO_TEST_CASE(trainer_step_through_nccl_equals_the_plain_step_fp32) {
