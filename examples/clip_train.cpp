@@ -126,8 +126,9 @@ constexpr const char* kUsage =
     "Rank 0 alone prints and writes files.\n"
     "  --sync-bn               a ResNet's BatchNorm statistics over the whole batch (default: each\n"
     "                          process's own, as PyTorch DDP)\n"
-    "  --zero1                 shard AdamW's moments across the processes (ZeRO-1): less memory\n"
-    "                          per process, the same bytes moved, the same steps\n"
+    "  --zero1                 shard AdamW's moments across the processes (ZeRO-1), and on a GPU\n"
+    "                          in bf16 the fp32 master weights too: less memory per process, the\n"
+    "                          same steps\n"
     "\n"
     "output, checkpoints and evaluation:\n"
     "  --output DIR            where everything is written (created if missing)\n"
@@ -610,7 +611,8 @@ void print_parallel_plan(clip::dist::Communicator& comm, int64_t batch) {
               first.rows == last.rows ? "" : (" or " + std::to_string(last.rows)).c_str(),
               static_cast<long long>(logits.rows), static_cast<long long>(logits.columns));
   std::printf("%s: per step and rank: features %s gathered, feature gradients %s, parameter gradients %s "
-              "(ZeRO-1 would move the same, and hold AdamW moments of %s instead of %s)\n",
+              "(ZeRO-1 would move the same, or less on a GPU in bf16, whose weights it gathers in bf16, and hold AdamW "
+              "moments of %s instead of %s)\n",
               kProgram, bytes_text(t.feature_bytes).c_str(), bytes_text(t.feature_grad_bytes).c_str(),
               bytes_text(t.gradient_bytes).c_str(), bytes_text(t.sharded_moment_bytes).c_str(),
               bytes_text(t.moment_bytes).c_str());
@@ -685,8 +687,8 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     }
   }();
   // On a GPU the weights and the optimizer state live on the device: checkpoints, evaluation and
-  // the final weights read the host copy, brought up to date first (the weights alone: no
-  // collective, rank 0 may call it by itself; every rank holds the whole weights).
+  // the final weights read the host copy, brought up to date first (the weights alone; a
+  // collective under --zero1 in bf16, whose fp32 master weights are sharded: every rank calls it).
   auto to_host = [&] {
     if constexpr (D == clip::Device::cuda) trainer.download(model.params());
   };
@@ -712,15 +714,28 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   } else {
     const auto b = trainer.state_bytes();
     const auto u = trainer.unsharded_state_bytes();
-    std::printf("%s: GPU memory per rank for weights, gradients and AdamW state %s (master %s, %sgradients %s, "
-                "moments %s%s)%s\n", kProgram, bytes_text(double(b.total())).c_str(), bytes_text(double(b.master)).c_str(),
+    // The fp32 masters: sharded under --zero1 in bf16 (the rank's shard, plus BatchNorm buffers
+    // and logit_scale whole); whole in fp32, where they are the weights the kernels read.
+    const bool masters_sharded = b.master_shard > 0;
+    const std::string master =
+        masters_sharded ? "fp32 master shard " + bytes_text(double(b.master_shard)) + " + buffers and logit_scale " +
+                              bytes_text(double(b.master))
+                        : "fp32 master " + bytes_text(double(b.master));
+    const std::string zero1_note =
+        !args.zero1 ? ""
+        : masters_sharded
+            ? " (ZeRO-1: fp32 master weights, moments and summed gradients sharded over " + std::to_string(comm.size()) +
+                  " ranks, the bf16 copy all-gathered; unsharded " + bytes_text(double(u.total())) + ")"
+            : " (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
+                  " ranks; in fp32 the master weights are the weights the kernels read, whole on every rank; "
+                  "unsharded " + bytes_text(double(u.total())) + ")";
+    std::printf("%s: GPU memory per rank for weights, gradients and AdamW state %s (%s, %sgradients %s, "
+                "moments %s%s)%s\n", kProgram, bytes_text(double(b.total())).c_str(), master.c_str(),
                 b.compute ? ("bf16 copy " + bytes_text(double(b.compute)) + ", ").c_str() : "",
                 bytes_text(double(b.gradients)).c_str(), bytes_text(double(b.moments)).c_str(),
                 args.zero1 ? (", summed-gradient shard " + bytes_text(double(b.shard_gradients)) + ", staging " +
                               bytes_text(double(b.staging))).c_str() : "",
-                args.zero1 ? (" (ZeRO-1: moments and summed gradients sharded over " + std::to_string(comm.size()) +
-                              " ranks, master weights whole on every rank; unsharded " + bytes_text(double(u.total())) +
-                              ")").c_str() : "");
+                zero1_note.c_str());
   }
 
   clip::CheckpointInfo info;
@@ -753,9 +768,8 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
   };
   fs::path last_checkpoint = resumed ? resume_path : fs::path();
   auto checkpoint = [&] {
-    auto& state = optimizer_state();
+    auto& state = optimizer_state();  // the weights came down with it
     if (!lead) return release_optimizer_state();
-    to_host();
     info.optimizer_steps = state.steps();
     const fs::path path = clip::checkpoint_path(out, info.step);
     clip::save_checkpoint(path, model.params(), state, info);
@@ -764,8 +778,8 @@ int train(const Arguments& args, const RunOptions& run, const std::optional<clip
     last_checkpoint = path;
   };
   auto run_zeroshot = [&] {  // on rank 0; the others wait at the next collective
-    if (!lead) return;
     to_host();
+    if (!lead) return;
     clip::ZeroShotMetrics m = evaluate(model, tokenizer, *zeroshot, args, run.seed);
     m.step = info.step;
     m.epoch = info.epoch;

@@ -77,15 +77,19 @@ inline constexpr int kAdamWThreads = 256;
 // One block per chunk; threads stride through it, so each warp reads and writes 128 contiguous
 // bytes of each array per iteration (coalesced). The chunk's decay group picks the decay factor
 // (1 for the no-decay group, as AdamW::step's without_decay). `compute` may alias `p` (S = float)
-// or be null, so p is not __restrict__. `shifts` (null: none) puts chunk i's master weights
-// shifts[i] floats after its g, m, v (ZeRO-1: a shard's packed moments, its weights in place).
+// or be null, so p is not __restrict__. `p_shifts` (null: none) puts chunk i's master weights
+// p_shifts[i] floats after its g, m, v (ZeRO-1 with whole masters: a shard's packed moments, its
+// weights in place); `compute_shifts` does the same for its compute copy (ZeRO-1 with sharded
+// masters: p packed as g, m, v, its bf16 image in place in the layout).
 template <class S>
 __global__ void __launch_bounds__(kAdamWThreads)
     adamw_kernel(const clip::TensorChunk* __restrict__ chunks, float* p, float* __restrict__ g, float* __restrict__ m,
-                 float* __restrict__ v, S* compute, clip::AdamWScalars s, const int64_t* __restrict__ shifts = nullptr) {
+                 float* __restrict__ v, S* compute, clip::AdamWScalars s, const int64_t* __restrict__ p_shifts = nullptr,
+                 const int64_t* __restrict__ compute_shifts = nullptr) {
   const clip::TensorChunk c = chunks[blockIdx.x];
   if (!c.decay) s.decay = 1.0f;
-  float* const pc = p + c.offset + (shifts ? shifts[blockIdx.x] : 0);
+  float* const pc = p + c.offset + (p_shifts ? p_shifts[blockIdx.x] : 0);
+  S* const sc = compute ? compute + c.offset + (compute_shifts ? compute_shifts[blockIdx.x] : 0) : nullptr;
   float* const gc = g + c.offset;
   float* const mc = m + c.offset;
   float* const vc = v + c.offset;
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(kAdamWThreads)
     mc[i] = mi;
     vc[i] = vi;
     pc[i] = pi;
-    if (compute) compute[c.offset + i] = from_float<S>(pi);
+    if (sc) sc[i] = from_float<S>(pi);
   }
 }
 

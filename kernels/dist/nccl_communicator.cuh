@@ -9,8 +9,9 @@
 //   Streams: the collectives run on their own stream. Each one first waits for the work already
 //   enqueued on the compute stream (an event), and the compute stream waits for its result
 //   (another event) before anything later uses it: results are "in place" in stream order, the
-//   host is not blocked. start_all_reduce_sum() leaves that last wait to wait(), so the sum
-//   overlaps the compute stream's work in between (the trainer's text tower backward).
+//   host is not blocked. start_all_reduce_sum() and start_reduce_scatter_sum() leave that last
+//   wait to wait(), so the collective overlaps the compute stream's work in between (the
+//   trainer's text tower backward).
 //
 //   Watchdog: a thread follows every collective in flight (its completion event). A collective
 //   that has not finished after `timeout_s`, or an asynchronous NCCL error (a peer's failure,
@@ -138,21 +139,13 @@ class NcclCommunicator final : public dist::Communicator {
 
   void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& counts) override {
     check_counts(counts);
-    finish_on_compute(enqueue("reduce-scatter", [&] {
-      if (equal(counts)) {
-        CLIP_NCCL_CHECK(ncclReduceScatter(send, recv, static_cast<size_t>(counts[0]), ncclFloat, ncclSum, comm_, stream_));
-        return;
-      }
-      CLIP_NCCL_CHECK(ncclGroupStart());
-      int64_t offset = 0;
-      for (int r = 0; r < size_; ++r) {  // recv is read by NCCL on the root only
-        if (counts[r] > 0)
-          CLIP_NCCL_CHECK(ncclReduce(send + offset, recv, static_cast<size_t>(counts[r]), ncclFloat, ncclSum, r, comm_,
-                                     stream_));
-        offset += counts[r];
-      }
-      CLIP_NCCL_CHECK(ncclGroupEnd());
-    }));
+    finish_on_compute(enqueue("reduce-scatter", [&] { reduce_scatter(send, recv, counts); }));
+  }
+
+  std::unique_ptr<dist::PendingCollective> start_reduce_scatter_sum(const float* send, float* recv,
+                                                                    const std::vector<int64_t>& counts) override {
+    check_counts(counts);
+    return std::make_unique<Pending>(compute_, enqueue("reduce-scatter", [&] { reduce_scatter(send, recv, counts); }));
   }
 
   void broadcast(void* data, int64_t bytes, int root) override {
@@ -253,6 +246,22 @@ class NcclCommunicator final : public dist::Communicator {
 
   void all_reduce(void* data, int64_t n, ncclDataType_t type) {
     CLIP_NCCL_CHECK(ncclAllReduce(data, data, static_cast<size_t>(n), type, ncclSum, comm_, stream_));
+  }
+
+  void reduce_scatter(const float* send, float* recv, const std::vector<int64_t>& counts) {
+    if (equal(counts)) {
+      CLIP_NCCL_CHECK(ncclReduceScatter(send, recv, static_cast<size_t>(counts[0]), ncclFloat, ncclSum, comm_, stream_));
+      return;
+    }
+    CLIP_NCCL_CHECK(ncclGroupStart());
+    int64_t offset = 0;
+    for (int r = 0; r < size_; ++r) {  // recv is read by NCCL on the root only
+      if (counts[r] > 0)
+        CLIP_NCCL_CHECK(ncclReduce(send + offset, recv, static_cast<size_t>(counts[r]), ncclFloat, ncclSum, r, comm_,
+                                   stream_));
+      offset += counts[r];
+    }
+    CLIP_NCCL_CHECK(ncclGroupEnd());
   }
 
   SharedEvent acquire_event() {

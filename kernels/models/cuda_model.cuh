@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "clip/config/dims.hpp"
@@ -47,10 +48,12 @@ class ClipNet {
   static constexpr int R = Clip<Cfg>::R, T = Clip<Cfg>::T, E = Clip<Cfg>::E, V = Cfg::vocab_size;
 
   // `keys`: the host Params whose member addresses name the tensors (must outlive the net);
-  // `values`: the weights to upload (the same object, or another of the same type).
+  // `values`: the weights to upload (the same object, or another of the same type); `masters`:
+  // where the fp32 masters live (device_weights.cuh; sharded: ZeRO-1 in bf16, TrainNet).
   ClipNet(Context& ctx, Params& keys, const Params& values, int64_t capacity, bool training = false,
-          bool recompute = false)
-      : ctx_(ctx), keys_(keys), weights_(ctx, keys, values, training), training_(training), recompute_(recompute) {
+          bool recompute = false, MasterPlacement masters = {})
+      : ctx_(ctx), keys_(keys), weights_(ctx, keys, values, training, std::move(masters)), training_(training),
+        recompute_(recompute) {
     reserve(capacity);
   }
   ClipNet(Context& ctx, Params& host, int64_t capacity, bool training = false)

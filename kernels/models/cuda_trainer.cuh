@@ -43,11 +43,17 @@
 // ResNet's BatchNorms use every rank's batch statistics (kernels/batchnorm_sync.cuh, its table
 // summed over NCCL), as the CPU Trainer under BatchNormSync; the ranks must then run as many
 // micro-batches (checked at construction, as the CPU). With TrainOptions::zero1 (--zero1) the
-// gradients are not all-reduced: after backward, kernels/dist/sharded_adamw.cuh reduce-scatters
-// them into this rank's shard (the CPU's cut, dist::shard_plan), takes the global norm from the
-// shards, and AdamW updates the shard's master weights, whose moments only this rank holds; the
-// master weights are then all-gathered and the bf16 copy rebuilt. The step's semantics (clipping,
-// clamp, schedule, refusals) do not change; download()/upload() gather and scatter the moments.
+// gradients are not all-reduced: kernels/dist/sharded_adamw.cuh reduce-scatters them into this
+// rank's shard (the CPU's cut, dist::shard_plan; the image tower's contiguous buckets as soon as
+// its backward is done, overlapping the text tower's, the rest after backward), takes the global
+// norm from the shards, and AdamW updates the shard's master weights, whose moments only this
+// rank holds. In bf16 the fp32 masters of the trained tensors are sharded as well (no whole
+// fp32 buffer: the rank holds its owned floats; BatchNorm buffers and logit_scale stay fp32 on
+// every rank, logit_scale broadcast by its owner): AdamW writes the bf16 image of its shard and
+// the bf16 copy is all-gathered. In fp32 the masters are the weights the kernels read, whole on every rank:
+// AdamW writes the rank's slices of them and they are all-gathered. The step's semantics
+// (clipping, clamp, schedule, refusals) do not change; download()/upload() gather and scatter the
+// moments, and in bf16 the master weights.
 //
 // Which loss: one GPU without a communicator keeps the single-matrix contrastive_loss (L formed
 // once, column statistics by a column kernel); the rows variant at n = B would form L twice (Lr
@@ -137,7 +143,7 @@ class TrainNet {
       : ctx_(ctx), options_(checked(options)), comm_(comm),
         slice_(dist::batch_slice(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
         micro_(std::min(options_.micro_batch, slice_.rows)),
-        net_(ctx, host, host, micro_, /*training=*/true, options_.recompute),
+        net_(ctx, host, host, micro_, /*training=*/true, options_.recompute, master_placement(options_, comm)),
         m_(options_.zero1 ? 0 : net_.weights().size()), v_(options_.zero1 ? 0 : net_.weights().size()),
         features_(2 * options_.batch * E), d_features_(2 * options_.batch * E),
         logits_(dist::logits_per_rank(options_.batch, comm ? comm->size() : 1, comm ? comm->rank() : 0)),
@@ -165,7 +171,17 @@ class TrainNet {
       CLIP_CHECK(options_.batch >= comm_->size(), "a global batch of ", options_.batch, " pairs leaves rank ",
                  comm_->size() - 1, " of ", comm_->size(), " without a pair: the batch must be at least the number of processes");
       if (options_.zero1) {
-        zero1_.emplace(ctx, zero1_plan(trained, comm_->size(), comm_->rank()), net_.weights().size(), *comm_);
+        auto& W = net_.weights();
+        zero1_.emplace(ctx, zero1_plan(trained, comm_->size(), comm_->rank()), W.size(), *comm_, W.masters_sharded());
+        std::vector<bool> visual;  // per trained tensor: the image tower's (final after image_backward)
+        for (const WeightEntry& e : W.layout().entries())
+          if (e.role == Role::parameter) visual.push_back(e.name.starts_with("visual."));
+        zero1_->set_early(zero1_->plan().buckets_within(visual));
+        if (W.masters_sharded()) {  // the shard's fp32 masters from the host weights
+          std::vector<float> flat(static_cast<size_t>(W.size()));
+          W.layout().pack(host, flat.data());
+          zero1_->load_masters(flat.data());
+        }
       } else {
         plan_gradient_sums();
       }
@@ -206,7 +222,7 @@ class TrainNet {
       net_.text_forward_train(d_tokens, d_pool, positions, txt, B);
       loss(global);
       net_.image_backward(d_img, B);
-      start_gradient_sums(image_sums_);  // overlaps the text tower's backward
+      start_image_gradient_sums();  // overlaps the text tower's backward
       net_.text_backward(d_txt, B);
     } else {
       for (int64_t b = 0; b < B; b += M) {  // 1. features only
@@ -230,7 +246,7 @@ class TrainNet {
                                 txt + b * E, n);
         net_.text_backward(d_txt + b * E, n);
       }
-      start_gradient_sums(image_sums_);
+      start_image_gradient_sums();
     }
     start_gradient_sums(text_sums_);  // logit_scale's among them
     finish_gradient_sums();
@@ -268,6 +284,26 @@ class TrainNet {
   dist::LogitShape logits_per_rank() const { return logits_; }
   ClipNet<Cfg, S>& net() { return net_; }
 
+  // The weights and BatchNorm running statistics into a host Params (ZeRO-1 in bf16: the master
+  // shards gathered, a collective every rank calls), and from one (ZeRO-1 in bf16: this rank's
+  // slices of the masters taken, the bf16 copy converted from the host's fp32).
+  void weights_to_host(Params& host) {
+    auto& W = net_.weights();
+    if (!W.masters_sharded()) return W.download(ctx_, host);
+    std::vector<float> flat(static_cast<size_t>(W.size()), 0.0f);
+    zero1_->gather_masters(flat.data());
+    W.download_replicated(ctx_, flat.data());
+    W.layout().unpack(flat.data(), host);
+  }
+  void weights_from_host(const Params& host) {
+    auto& W = net_.weights();
+    W.upload(ctx_, host);
+    if (!W.masters_sharded()) return;
+    std::vector<float> flat(static_cast<size_t>(W.size()));
+    W.layout().pack(host, flat.data());
+    zero1_->load_masters(flat.data());
+  }
+
   // The whole moments m, v into host buffers of the layout's size (ZeRO-1: gathered from the
   // ranks, a collective every rank calls), and back (ZeRO-1: this rank's slices taken).
   void moments_to_host(float* m, float* v) {
@@ -287,10 +323,10 @@ class TrainNet {
   // The device memory this rank holds for weights, gradients and the optimizer state
   // (zero1_plan.hpp's arithmetic), and what it would hold without ZeRO-1.
   DeviceStateBytes state_bytes() const {
-    const int64_t flat = net_.weights().size();
-    if (!zero1_) return device_state_bytes(flat, DeviceWeights<S>::separate_copy);
-    return device_state_bytes(flat, DeviceWeights<S>::separate_copy, zero1_->plan().shard.owned,
-                              zero1_->plan().shard.largest_bucket());
+    const auto& W = net_.weights();
+    if (!zero1_) return device_state_bytes(W.size(), DeviceWeights<S>::separate_copy);
+    return device_state_bytes(W.size(), DeviceWeights<S>::separate_copy, zero1_->plan().shard.owned,
+                              zero1_->plan().shard.largest_bucket(), W.masters_sharded() ? W.master_floats() : -1);
   }
   DeviceStateBytes unsharded_state_bytes() const {
     return device_state_bytes(net_.weights().size(), DeviceWeights<S>::separate_copy);
@@ -330,6 +366,13 @@ class TrainNet {
   // A ResNet's widest BatchNorm: the last stage's 4 x 8 x width channels.
   static constexpr int64_t kWidestBatchNorm = int64_t{32} * Cfg::vision_width;
 
+
+  // ZeRO-1 in bf16 shards the fp32 masters too; logit_scale stays fp32 on every rank (the loss
+  // reads it). In fp32 the masters are the weights the kernels read: whole.
+  static MasterPlacement master_placement(const TrainOptions& o, const dist::Communicator* comm) {
+    if (!o.zero1 || !comm || !DeviceWeights<S>::separate_copy) return {};
+    return {true, {"logit_scale"}};
+  }
 
   static TrainOptions checked(TrainOptions o) {
     CLIP_CHECK(o.batch > 0, "a training batch needs at least one pair, got ", o.batch);
@@ -403,8 +446,15 @@ class TrainNet {
     pending_.reserve(image_sums_.size() + text_sums_.size());
   }
 
+  // The image tower's gradient sums, started once its backward is done. ZeRO-1: its contiguous
+  // buckets' reduce-scatters (sharded_adamw.cuh's start_early); the rest after backward.
+  void start_image_gradient_sums() {
+    if (zero1_) return zero1_->start_early(net_.weights().grad_data());
+    start_gradient_sums(image_sums_);
+  }
+
   void start_gradient_sums(const std::vector<Range>& ranges) {
-    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters them after backward
+    if (!comm_ || zero1_) return;  // ZeRO-1 reduce-scatters the rest after backward (zero1_->reduce)
     float* g = net_.weights().grad_data();
     for (const Range& r : ranges) pending_.push_back(comm_->start_all_reduce_sum(g + r.first, r.n));
   }
@@ -457,7 +507,11 @@ class TrainNet {
     const clip::AdamWScalars s = clip::adamw_scalars(lr, o.beta1, o.beta2, o.eps, o.weight_decay, steps_, grad_scale);
     auto& W = net_.weights();
     if (zero1_) {
-      const int64_t logit_scale = W.master(net_.keys().logit_scale) - W.master_data();
+      Params& p = net_.keys();
+      const int64_t logit_scale = W.layout().offset(p.logit_scale);
+      if constexpr (DeviceWeights<S>::separate_copy) {
+        if (W.masters_sharded()) return zero1_->update_sharded_masters(W.compute_data(), s, logit_scale, W.master(p.logit_scale));
+      }
       zero1_->update(W.master_data(), s, logit_scale);
       W.refresh_compute_copy(ctx_);  // the gathered weights into the bf16 copy (nothing for fp32)
       return;
@@ -566,7 +620,7 @@ AdamW<typename Trainer<Cfg, Device::cuda>::Params>& Trainer<Cfg, Device::cuda>::
 template <Variant Cfg>
 void Trainer<Cfg, Device::cuda>::download(Params& target) {
   Impl& I = *impl_;
-  I.with([&](auto& net) { net.net().weights().download(I.ctx, target); });
+  I.with([&](auto& net) { net.weights_to_host(target); });
 }
 
 template <Variant Cfg>
@@ -574,7 +628,7 @@ void Trainer<Cfg, Device::cuda>::download() {
   Impl& I = *impl_;
   I.with([&](auto& net) {
     auto& W = net.net().weights();
-    W.download(I.ctx, I.host);
+    net.weights_to_host(I.host);
     std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
     net.moments_to_host(m.data(), v.data());  // ZeRO-1: gathered, every rank calls
     W.layout().unpack(m.data(), I.mirror.m());
@@ -588,7 +642,7 @@ void Trainer<Cfg, Device::cuda>::upload() {
   Impl& I = *impl_;
   I.with([&](auto& net) {
     auto& W = net.net().weights();
-    W.upload(I.ctx, I.host);
+    net.weights_from_host(I.host);
     std::vector<float> m(static_cast<size_t>(W.size())), v(m.size());
     W.layout().pack(std::as_const(I.mirror).m(), m.data());
     W.layout().pack(std::as_const(I.mirror).v(), v.data());

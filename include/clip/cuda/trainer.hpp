@@ -10,8 +10,9 @@
 // Data parallel, one process per GPU: given the processes' host communicator (MPI under mpirun),
 // the trainer starts an NCCL communicator through it (kernels/dist/nccl_communicator.cuh) and
 // every rank passes its slice() of the global batch to step(); see kernels/models/cuda_trainer.cuh.
-// With TrainOptions::zero1 the AdamW moments are sharded across the ranks (ZeRO-1): download()
-// gathers them (a collective: every rank calls it) and upload() takes each rank's slices.
+// With TrainOptions::zero1 the AdamW moments are sharded across the ranks (ZeRO-1), and in bf16
+// the fp32 master weights too: download() gathers them (a collective: every rank calls it) and
+// upload() takes each rank's slices.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +63,8 @@ class Trainer<Cfg, Device::cuda> {
 
   // device -> host: weights, BatchNorm running statistics (num_batches_tracked is counted on the
   // host already), AdamW m/v and step count, into the host Params and optimizer(). Under ZeRO-1 a
-  // collective (the moments are gathered): every rank calls it; download(Params&) never is.
+  // collective (the moments are gathered): every rank calls it. download(Params&) is one only
+  // under ZeRO-1 in bf16 (the sharded fp32 master weights are gathered).
   void download();
   void download(Params& host);      // weights and running statistics only, into another Params
   // host -> device: the reverse of download() (after loading a checkpoint into params()/optimizer()).

@@ -60,6 +60,66 @@ struct Zero1Plan {
     }
     return out;
   }
+  // The layout runs of rank q's slice of bucket i (at: within the slice).
+  std::vector<Run> slice_runs(size_t i, int q) const {
+    const dist::ShardPlan::Bucket& b = shard.buckets[i];
+    const dist::Slice s = dist::batch_slice(b.size, shard.world, q);
+    return runs(b.first + s.first, s.rows);
+  }
+
+  // The bf16 all-gather of bucket i (master weights sharded): the Communicator moves floats, and
+  // a slice may hold an odd number of bf16, so each rank's slice is padded to whole floats in the
+  // staging: rank q's `counts[q]` floats, its bf16 from element `first[q]` (a gather only copies
+  // bits, so bf16 pairs travel as floats unchanged).
+  struct PackedSlices {
+    std::vector<int64_t> counts, first;
+    int64_t floats = 0;  // the staging the gather needs
+  };
+  PackedSlices packed_slices(size_t i) const {
+    PackedSlices p;
+    for (int q = 0; q < shard.world; ++q) {
+      const int64_t floats = (dist::batch_slice(shard.buckets[i].size, shard.world, q).rows + 1) / 2;
+      p.counts.push_back(floats);
+      p.first.push_back(2 * p.floats);
+      p.floats += floats;
+    }
+    return p;
+  }
+
+  // Per bucket: whether every tensor it covers has `flag` (per tensor, in visit order), e.g. the
+  // image tower's tensors, whose gradients are final before the text tower's backward.
+  std::vector<bool> buckets_within(const std::vector<bool>& flag) const {
+    CLIP_CHECK(flag.size() == layout_offsets.size(), "a flag per trained tensor: ", layout_offsets.size(), ", got ",
+               flag.size());
+    std::vector<bool> out;
+    for (const dist::ShardPlan::Bucket& b : shard.buckets) {
+      bool all = true;
+      for (const dist::ShardPlan::Piece& k : shard.pieces_of(b.first, b.size)) all = all && flag[k.tensor];
+      out.push_back(all);
+    }
+    return out;
+  }
+  // Where bucket i starts in the layout when it is one contiguous run there (its collective can
+  // read and write the device buffers in place, without the staging), else -1.
+  int64_t contiguous_at(size_t i) const {
+    const std::vector<Run> r = runs(shard.buckets[i].first, shard.buckets[i].size);
+    return r.size() == 1 ? r[0].layout : -1;
+  }
+
+  // The rank that owns the trained element at `layout` (updates its master and moments).
+  int owner(int64_t layout) const {
+    for (size_t t = 0; t < layout_offsets.size(); ++t) {
+      if (layout < layout_offsets[t] || layout >= layout_offsets[t] + shard.numels[t]) continue;
+      const int64_t flat = shard.offsets[t] + (layout - layout_offsets[t]);
+      const dist::ShardPlan::Bucket& b = shard.buckets[static_cast<size_t>(flat / shard.bucket_floats)];
+      for (int q = 0; q < shard.world; ++q) {
+        const dist::Slice s = dist::batch_slice(b.size, shard.world, q);
+        if (flat - b.first >= s.first && flat - b.first < s.first + s.rows) return q;
+      }
+    }
+    CLIP_FAIL("layout offset ", layout, " is not an element of a trained tensor: no rank owns it");
+  }
+
   // Where this rank holds the element at `layout` (a trained tensor's element) among its owned
   // floats, or -1 when another rank does.
   int64_t owned_position(int64_t layout) const {
@@ -93,21 +153,29 @@ inline Zero1Plan zero1_plan(const std::vector<TensorSlice>& trained, int world, 
   return p;
 }
 
-// The GPU trainer's per-rank device memory for weights and optimizer, in bytes. Every buffer is
-// over the flat layout (`flat` floats, BatchNorm buffers included) except ZeRO-1's: its moments
-// and summed gradients cover the rank's `owned` floats, plus one bucket of staging for the
-// collectives. The fp32 master weights stay whole on every rank: in fp32 they are the weights
-// the kernels read, and in bf16 the loss and the BatchNorms read them (logit_scale, running
-// statistics); AdamW writes the rank's shard of them and the all-gather the rest.
+// The GPU trainer's per-rank device memory for weights and optimizer, in bytes. Without ZeRO-1
+// every buffer is over the flat layout (`flat` floats, BatchNorm buffers included). ZeRO-1's
+// moments and summed gradients cover the rank's `owned` floats, plus one bucket of staging
+// (`staging` floats) for the collectives. The fp32 master weights:
+//   - fp32 (no bf16 copy): whole on every rank: they ARE the weights the kernels read, so they
+//     cannot be sharded; AdamW writes the rank's shard of them and the all-gather the rest;
+//   - bf16 under ZeRO-1: the rank's owned floats only (`master_shard`), plus the `replicated`
+//     floats every rank keeps in fp32 (BatchNorm buffers, logit_scale: replicated_masters.hpp);
+//     the bf16 copy is what is all-gathered.
 struct DeviceStateBytes {
-  int64_t master = 0, compute = 0, gradients = 0, moments = 0, shard_gradients = 0, staging = 0;
-  int64_t total() const { return master + compute + gradients + moments + shard_gradients + staging; }
+  int64_t master = 0, master_shard = 0, compute = 0, gradients = 0, moments = 0, shard_gradients = 0, staging = 0;
+  int64_t total() const { return master + master_shard + compute + gradients + moments + shard_gradients + staging; }
 };
 
-// `owned` < 0: without ZeRO-1.
-inline DeviceStateBytes device_state_bytes(int64_t flat, bool bf16_copy, int64_t owned = -1, int64_t staging = 0) {
+// `owned` < 0: without ZeRO-1. `replicated` >= 0 (ZeRO-1 with a bf16 copy only): the masters are
+// sharded and that many floats stay whole.
+inline DeviceStateBytes device_state_bytes(int64_t flat, bool bf16_copy, int64_t owned = -1, int64_t staging = 0,
+                                           int64_t replicated = -1) {
+  CLIP_CHECK(replicated < 0 || (bf16_copy && owned >= 0), "the fp32 master weights are sharded only under ZeRO-1 "
+             "with a bf16 compute copy (in fp32 they are the weights the kernels read)");
   DeviceStateBytes b;
-  b.master = 4 * flat;
+  b.master = 4 * (replicated < 0 ? flat : replicated);
+  b.master_shard = replicated < 0 ? 0 : 4 * owned;
   b.compute = bf16_copy ? 2 * flat : 0;
   b.gradients = 4 * flat;
   if (owned < 0) {

@@ -63,6 +63,12 @@ class PendingCollective {
   virtual void wait() = 0;
 };
 
+// A collective that finished when it was started (the blocking fallback of the start_* calls).
+class FinishedCollective final : public PendingCollective {
+ public:
+  void wait() override {}
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -83,6 +89,14 @@ class Communicator {
   // recv[0, counts[rank]) := the sum over ranks of their send[offset_r, offset_r + counts[rank]),
   // offset_r = sum(counts[0..rank)); send holds sum(counts) floats on every rank.
   virtual void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& counts) = 0;
+  // The same, started now and finished by wait(); `send` must stay untouched and `recv` unread
+  // until then. By default it runs at once (blocking); the NCCL back end overlaps it with the
+  // compute stream's later work (ZeRO-1's image-tower buckets during the text tower's backward).
+  virtual std::unique_ptr<PendingCollective> start_reduce_scatter_sum(const float* send, float* recv,
+                                                                      const std::vector<int64_t>& counts) {
+    reduce_scatter_sum(send, recv, counts);
+    return std::make_unique<FinishedCollective>();
+  }
 
   // `bytes` bytes from rank `root` to every rank.
   virtual void broadcast(void* data, int64_t bytes, int root) = 0;
@@ -104,10 +118,7 @@ class LocalCommunicator final : public Communicator {
   void all_reduce_sum(float*, int64_t) override {}
   void all_reduce_sum(double*, int64_t) override {}
   std::unique_ptr<PendingCollective> start_all_reduce_sum(float*, int64_t) override {
-    struct Done final : PendingCollective {
-      void wait() override {}
-    };
-    return std::make_unique<Done>();
+    return std::make_unique<FinishedCollective>();
   }
   void all_gather(float*, const std::vector<int64_t>& counts) override { check_counts(counts); }
   void reduce_scatter_sum(const float* send, float* recv, const std::vector<int64_t>& counts) override {

@@ -6,8 +6,8 @@
 //   feature gradients  reduce-scatter of both [B, E] shares:         2 (W - 1)/W B E floats
 //   parameter grads    all-reduce of P floats (= reduce-scatter + all-gather): 2 (W - 1)/W P
 // ZeRO-1 (AdamW moments sharded) moves the same bytes as the all-reduce, as a reduce-scatter of
-// the gradients and an all-gather of the updated weights, and keeps 2P/W moment floats per rank
-// instead of 2P.
+// the gradients and an all-gather of the updated weights (the GPU trainer in bf16 gathers its
+// bf16 copy: half the all-gather's bytes), and keeps 2P/W moment floats per rank instead of 2P.
 //
 // logits_per_rank() is the one statement of the logits a rank forms per step, [n, B] with n its
 // rows (both trainers' loss by rows; without processes to share with, n = B): clip-train prints
