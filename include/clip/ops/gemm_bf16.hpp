@@ -19,7 +19,9 @@
 //
 // The tile instructions sit behind a TileOps policy: AmxTileOps (the hardware, x86-64 g++ only,
 // never nvcc, which breaks on the AMX headers) and EmulatedTileOps (the same instructions as
-// defined in Intel's SDM, in plain C++), so the packing and the loops are tested on any CPU.
+// defined in Intel's SDM, in plain C++), so the packing and the loops are tested on any CPU. The
+// hardware rounds the sums inside one tile product its own way (not the SDM's sequential order:
+// tests/test_gemm_bf16.cpp), so the two agree to the error model, not bit for bit.
 #pragma once
 
 #include <algorithm>
