@@ -195,7 +195,7 @@ BOOST_AUTO_TEST_CASE(emulated_tiles_within_error_model) {
 // with 1 and 2 threads (each element's tile steps run in an order that depends on K alone). Not
 // bit-identical to the emulation: on an Intel Xeon with AMX (2026-12-08) one tdpbf16ps with a
 // single K pair gave c + (p0 + p1) in every element, but over several pairs its rounding matched
-// none of the SDM's sequential sums, pairs first, a tree or one exact sum (about 30% to 60% of
+// none of the SDM's sequential sums, pairs first, a tree or one exact sum (14% to 62% of the
 // elements differed in the last bits from each), so the emulation checks the packing and the loops.
 BOOST_AUTO_TEST_CASE(amx_tiles_match_emulation) {
 #if CLIP_GEMM_HAS_AMX
