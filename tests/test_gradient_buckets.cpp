@@ -171,7 +171,7 @@ BOOST_AUTO_TEST_CASE(cpu_buckets_follow_the_cuts_and_a_one_process_sum_keeps_the
 namespace {
 
 // Two ranks that hold equal gradients, as seen from one of them: every sum doubles its floats,
-// when waited for (as the MPI back end runs it). Records where each sum ran.
+// when waited for (as a back end that overlaps would finish it). Records where each sum ran.
 class TwinCommunicator final : public clip::dist::Communicator {
  public:
   std::vector<std::pair<const float*, int64_t>> sums;

@@ -14,8 +14,8 @@
 // start() launches the non-blocking sums and returns at once; finish() waits and unpacks. The
 // trainer starts the image tower's buckets as soon as its backward is done and finishes them
 // after the text tower's backward, so the transfer overlaps that work where the back end
-// progresses in the background (NCCL; the MPI back end runs the sums when waited for, which
-// measured faster on the CPU: mpi_communicator.hpp).
+// progresses in the background (NCCL; the MPI back end sums at once, blocking, which measured
+// faster on the CPU: communicator.hpp).
 #pragma once
 
 #include <algorithm>

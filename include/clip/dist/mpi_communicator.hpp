@@ -57,16 +57,6 @@ class MpiCommunicator final : public Communicator {
   void all_reduce_sum(float* data, int64_t n) override { all_reduce(data, n, MPI_FLOAT); }
   void all_reduce_sum(double* data, int64_t n) override { all_reduce(data, n, MPI_DOUBLE); }
 
-  // Started sums run, blocking, when waited for. Open MPI progresses a non-blocking collective
-  // only inside MPI calls, so MPI_Iallreduce overlaps nothing unless a core is spare to poll it,
-  // and its libnbc algorithm took twice the blocking MPI_Allreduce's time: ViT-B/32's 577 MiB of
-  // gradients in 16 MiB buckets, 2 processes on one machine, 0.30 s against 0.15 s, and every
-  // step faulted in fresh temporary buffers (bench/README.md, "Data parallel"). The GPU's NCCL
-  // communicator overlaps for real, on its own stream.
-  std::unique_ptr<PendingCollective> start_all_reduce_sum(float* data, int64_t n) override {
-    return std::make_unique<DeferredSum>(*this, data, n);
-  }
-
   void all_gather(float* data, const std::vector<int64_t>& counts) override {
     std::vector<int> sizes, offsets;
     v_table(counts, sizes, offsets);
@@ -101,17 +91,6 @@ class MpiCommunicator final : public Communicator {
 
  private:
   static constexpr int64_t kMaxCount = INT_MAX / 2;  // elements per MPI call
-
-  struct DeferredSum final : PendingCollective {
-    MpiCommunicator& comm;
-    float* data;
-    int64_t n;
-    DeferredSum(MpiCommunicator& c, float* d, int64_t count) : comm(c), data(d), n(count) {}
-    void wait() override {
-      if (data) comm.all_reduce_sum(data, n);
-      data = nullptr;
-    }
-  };
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
